@@ -1,0 +1,76 @@
+"""The user-facing entry points: optimize(model) and explain(model, **batch)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fxopt.backend import make_backend
+from fxopt.config import OptimizeConfig
+from fxopt.regions import compile_blocks, find_blocks
+from fxopt.report import Report
+
+
+def _check_model(model, fn):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxopt.{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) -> nn.Module:
+    """Compile `model` in place with fxopt's passes and return the same object.
+
+    Options are the fields of `OptimizeConfig` (pass `config=` or keywords, e.g. `dump_dir="dumps"`).
+    The model keeps its class, state_dict keys, save_pretrained, merge_and_unload and generate; train it
+    as before (your own loop, HF Trainer with torch_compile left off, TRL). The match report fills in as
+    graphs are compiled (on the first forward): `fxopt.report(model)`.
+    """
+    _check_model(model, "optimize")
+    config = OptimizeConfig.from_kwargs(config, **options)
+    if getattr(model, "_fxopt_report", None) is not None:
+        raise ValueError("fxopt.optimize: this model was already optimized; optimize it once")
+    report = Report()
+    # A training forward must not build a KV cache: it is never read, and with regional compilation the
+    # per-layer cache state would make every block compile anew.
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and getattr(hf_config, "use_cache", None):
+        hf_config.use_cache = False
+    found = find_blocks(model) if config.regional else None
+    backend = make_backend(config, report, model)
+    if found is not None:
+        compile_blocks(found[1], backend, config.dynamic)
+    model.compile(backend=backend, dynamic=config.dynamic)
+    model._fxopt_report = report
+    model._fxopt_config = config
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """The match report of an optimized model (filled in as its graphs are compiled)."""
+    _check_model(model, "report")
+    rep = getattr(model, "_fxopt_report", None)
+    if rep is None:
+        raise ValueError("fxopt.report: model was not optimized with fxopt.optimize (use fxopt.explain)")
+    return rep
+
+
+def explain(model: nn.Module, config: OptimizeConfig | None = None, *, verbose: bool = True, **example_batch) -> Report:
+    """Run one forward of `model` on `example_batch` through fxopt's passes, without training, and return
+    (and print) the match report: what matched, where, and why each near-miss was rejected.
+
+    An optimized model is run as it is; any other model is traced whole with the passes and the cheap
+    "eager" inner backend, and is left as it was (not compiled)."""
+    _check_model(model, "explain")
+    if not example_batch:
+        raise TypeError("fxopt.explain: pass an example batch as keywords, e.g. explain(model, input_ids=ids)")
+    rep = getattr(model, "_fxopt_report", None)
+    with torch.no_grad():
+        if rep is not None:
+            model(**example_batch)
+        else:
+            import dataclasses
+
+            config = dataclasses.replace(OptimizeConfig.from_kwargs(config), inner_backend="eager", verbose=False)
+            rep = Report()
+            torch.compile(model, backend=make_backend(config, rep, model))(**example_batch)
+    if verbose:
+        print(rep.to_markdown())
+    return rep

@@ -1,0 +1,119 @@
+"""The torch.compile backend: fxopt's passes on the Dynamo graph, then the inner backend (Inductor by default).
+
+Registered with Dynamo as "fxopt" through the `torch_dynamo_backends` entry point, so
+`torch.compile(model, backend="fxopt")` works once fxopt is installed.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxopt.config import OptimizeConfig
+from fxopt.passes import PASSES
+from fxopt.passes.canonicalize import canonicalize
+from fxopt.report import MatchRecord, Report
+
+_graph_ids = itertools.count()
+
+
+@dataclass
+class PassContext:
+    graph_name: str
+    tensor_names: dict  # placeholder node -> the model's name of the parameter it was called with
+    prefix: str = ""
+
+    def locate(self, node, fallback: str = "") -> str:
+        """Where a parameter node lives in the model, e.g. "model.layers.0.self_attn.q_proj" (report only)."""
+        name = self.tensor_names.get(node)
+        if not name:
+            return fallback
+        for suffix in (".weight", ".base_layer"):
+            name = name.removesuffix(suffix)
+        return name
+
+
+def _inner(name: str):
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    return torch._dynamo.lookup_backend(name)
+
+
+def _dump(dump_dir, graph_name, before: str, after: str, records):
+    out = Path(dump_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{graph_name}.before.py").write_text(before)
+    (out / f"{graph_name}.after.py").write_text(after)
+    report = Report()
+    report.graphs.append(graph_name)
+    report.add(records)
+    (out / f"{graph_name}.report.json").write_text(report.to_json())
+    (out / f"{graph_name}.report.md").write_text(report.to_markdown() + "\n")
+
+
+def run_passes(gm: torch.fx.GraphModule, config: OptimizeConfig, ctx: PassContext) -> list[MatchRecord]:
+    """Canonicalize, then run every enabled pass. A pass that raises leaves the graph as the previous passes
+    left it (it is re-run from a copy) and is reported, so a bug in a pass never costs a wrong answer."""
+    canonicalize(gm)
+    records: list[MatchRecord] = []
+    for p in PASSES:
+        if p.NAME in config.disable:
+            continue
+        snapshot = torch.fx.Graph()
+        snapshot._codegen = copy.deepcopy(gm.graph._codegen)
+        snapshot.output(snapshot.graph_copy(gm.graph, {}))
+        try:
+            records += p.run(gm, ctx)
+        except Exception as e:  # fall back to the graph before this pass
+            gm.graph = snapshot
+            gm.recompile()
+            warnings.warn(f"fxopt: pass {p.NAME!r} failed on {ctx.graph_name} and was skipped: {e!r}")
+            records.append(MatchRecord(p.NAME, "<graph>", "rejected", f"pass error, graph left unchanged: {e!r}", ctx.graph_name))
+    return records
+
+
+def make_backend(config: OptimizeConfig | None = None, report: Report | None = None, model=None):
+    """A Dynamo backend running fxopt's passes with `config`, collecting records into `report`; `model`
+    (optional) lets the report name each match by its module path."""
+    config = config or OptimizeConfig()
+    report = report if report is not None else Report()
+    names = {}
+    if model is not None:
+        names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+        names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+
+    def fxopt_compile(gm: torch.fx.GraphModule, example_inputs):
+        graph_name = f"graph_{next(_graph_ids)}"
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ctx = PassContext(graph_name, {n: names.get(id(t)) for n, t in zip(placeholders, example_inputs)})
+        dump_dir = config.dump_dir or os.environ.get("FXOPT_DUMP")
+        before = gm.code if dump_dir else ""
+        records = run_passes(gm, config, ctx)
+        report.graphs.append(graph_name)
+        report.add(records)
+        if dump_dir:
+            _dump(dump_dir, graph_name, before, gm.code, records)
+        if config.verbose:
+            sub = Report()
+            sub.graphs.append(graph_name)
+            sub.add(records)
+            print(sub.to_markdown())
+        return _inner(config.inner_backend)(gm, example_inputs)
+
+    fxopt_compile.report = report
+    return fxopt_compile
+
+
+def fxopt_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The backend Dynamo finds by the name "fxopt" (default options)."""
+    return _default_backend(gm, example_inputs)
+
+
+_default_backend = make_backend()

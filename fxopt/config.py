@@ -1,0 +1,65 @@
+"""The options of `fxopt.optimize`: one small dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Options for `fxopt.optimize(model, config)`.
+
+    disable:       names of passes to turn off (see `fxopt.pass_names()`), e.g. ("lora",).
+    inner_backend: what compiles the graph after fxopt's passes: "inductor" (default), or "aot_eager" /
+                   "eager" for debugging.
+    dump_dir:      write per captured graph the code before/after the passes and the match report here
+                   (the FXOPT_DUMP environment variable does the same).
+    regional:      compile the repeated decoder block once and reuse it for every block (short first step);
+                   False compiles the whole model as one region.
+    dynamic:       passed to torch.compile (None: Dynamo decides, marking sizes dynamic after a change).
+    verbose:       print the match report of each graph as it is compiled.
+    """
+
+    disable: tuple[str, ...] = field(default_factory=tuple)
+    inner_backend: str = "inductor"
+    dump_dir: str | None = None
+    regional: bool = True
+    dynamic: bool | None = None
+    verbose: bool = False
+
+    def __post_init__(self):
+        from fxopt.passes import pass_names
+
+        disable = self.disable
+        if isinstance(disable, str):
+            disable = (disable,)
+        if not isinstance(disable, (list, tuple, set, frozenset)) or not all(isinstance(d, str) for d in disable):
+            raise TypeError(f"OptimizeConfig.disable must be a list of pass names, got {self.disable!r}")
+        unknown = sorted(set(disable) - set(pass_names()))
+        if unknown:
+            raise ValueError(f"OptimizeConfig.disable: unknown pass name(s) {unknown}; known passes: {pass_names()}")
+        object.__setattr__(self, "disable", tuple(disable))
+        if self.inner_backend not in INNER_BACKENDS:
+            raise ValueError(f"OptimizeConfig.inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str,)) and not hasattr(self.dump_dir, "__fspath__"):
+            raise TypeError(f"OptimizeConfig.dump_dir must be a path or None, got {type(self.dump_dir).__name__}")
+        for name in ("regional", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"OptimizeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise TypeError(f"OptimizeConfig.dynamic must be True, False or None, got {self.dynamic!r}")
+
+    @classmethod
+    def from_kwargs(cls, config: "OptimizeConfig | None", **overrides) -> "OptimizeConfig":
+        """`config` with `overrides` applied; an unknown option raises TypeError naming it."""
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"config must be an fxopt.OptimizeConfig or None, got {type(config).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise TypeError(f"unknown option {key!r}; OptimizeConfig options are {sorted(known)}")
+        return dataclasses.replace(config, **overrides) if overrides else config

@@ -1,0 +1,9 @@
+"""The pass registry: every fusion pass, in the order it runs. A pass is a module with NAME, DESCRIPTION and
+run(gm, ctx) -> list[MatchRecord]; it rewrites the graph in place and leaves what it does not match untouched."""
+from fxopt.passes import lora
+
+PASSES = [lora]
+
+
+def pass_names() -> list[str]:
+    return [p.NAME for p in PASSES]

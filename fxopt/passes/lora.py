@@ -1,0 +1,242 @@
+"""Fused LoRA linear: base `linear(x, W[, b])` plus `s * linear(linear(dropout?(x), A), B)` -> fxopt::lora_linear.
+
+Pattern (as Dynamo captures a PEFT LoRA linear, after canonicalize):
+    r = linear(x, W[, b])                   base layer
+    xl = dropout?(x.to(adapter dtype)?)     optional cast and dropout (PEFT's lora_dropout)
+    u = linear(linear(xl, A), B)            the adapter
+    v = u * s                               optional scale (lora_alpha / r, or rslora's)
+    y = (r + v).to?(x.dtype)                PEFT sums in the adapter dtype, then casts back
+Horizontal fusion: matches that read the same x with no dropout (q/k/v, gate/up) become ONE op, which
+computes x @ [A_q; A_k; A_v]^T as one GEMM and reads x once for the adapters.
+Not matched (reported): DoRA (the adapter output is rescaled by a tensor), several active adapters on one
+layer, a bias on an adapter matrix, and any intermediate value used elsewhere.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxopt.passes.graph_utils import (
+    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, cast_dtype, is_call, linear_args, module_path,
+    only_user, static_int, value)
+from fxopt.report import MatchRecord
+
+NAME = "lora"
+DESCRIPTION = "PEFT LoRA linear (base + scaled low-rank adapter) -> fxopt::lora_linear, q/k/v and gate/up fused"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class LoraMatch:
+    x: fx.Node
+    x_lora: fx.Node | None  # input of the adapter when it differs from x (dropout); None: the adapter reads x
+    weight: fx.Node
+    bias: fx.Node | None
+    lora_a: fx.Node
+    lora_b: fx.Node
+    scaling: float
+    out: fx.Node  # the node whose value the op replaces
+    consumed: list  # nodes of the pattern that die once `out` is replaced, in graph order
+    location: str
+
+
+class Reject(Exception):
+    pass
+
+
+def _adapter_input(xl):
+    """Walk back from the adapter's input through casts and one dropout; returns (root x, x_lora or None)."""
+    node, has_dropout, exact = xl, False, True
+    while True:
+        dtype = cast_dtype(node)
+        if dtype is not None:
+            src = value(node.args[0])
+            if src is None or not src.dtype.is_floating_point or dtype.itemsize < src.dtype.itemsize:
+                exact = False  # a down-cast rounds: the kernel must see the rounded values
+            node = node.args[0]
+            continue
+        if is_call(node, DROPOUT_TARGETS):
+            if has_dropout:
+                raise Reject("two dropouts on the adapter input")
+            inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
+            if inplace:
+                raise Reject("in-place dropout on the adapter input")
+            has_dropout = True
+            node = node.args[0]
+            continue
+        break
+    return node, (xl if has_dropout or not exact else None)
+
+
+def _scaled_lora_branch(node):
+    """If `node` is `linear(linear(_, A), B) * s` (or without `* s`), return (u, scale); else None."""
+    scale = 1.0
+    if is_call(node, MUL_TARGETS) and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(b, (int, float)) and not isinstance(b, bool):
+            node, scale = a, float(b)
+        elif isinstance(a, (int, float)) and not isinstance(a, bool):
+            node, scale = b, float(a)
+        else:
+            return None
+    if is_call(node, LINEAR_TARGETS) and is_call(linear_args(node)[0], LINEAR_TARGETS):
+        return node, scale
+    return None
+
+
+def _check_single_use(node, what):
+    if len(node.users) != 1:
+        raise Reject(f"{what} is also used elsewhere ({len(node.users)} users)")
+
+
+def match_at(u: fx.Node, ctx) -> LoraMatch:
+    """Try to match a LoRA linear whose adapter output is `u = linear(t, B)`; raise Reject(reason) if not."""
+    t, lora_b, b_bias = linear_args(u)
+    xl, lora_a, a_bias = linear_args(t)
+    if a_bias is not None or b_bias is not None:
+        raise Reject("adapter matrix with a bias")
+    _check_single_use(t, "adapter hidden x@A^T")
+    x, x_lora = _adapter_input(xl)
+    consumed = [t, u]
+
+    v, scale = u, 1.0
+    user = only_user(u)
+    if user is None:
+        raise Reject("adapter output is used more than once")
+    if is_call(user, MUL_TARGETS):
+        other = user.args[1] if user.args[0] is u else user.args[0]
+        if not isinstance(other, (int, float)) or isinstance(other, bool):
+            raise Reject("adapter output is scaled by a tensor (DoRA or a custom scale): not supported")
+        v, scale = user, float(other)
+        consumed.append(v)
+        user = only_user(v)
+        if user is None:
+            raise Reject("scaled adapter output is used more than once")
+    if not is_call(user, ADD_TARGETS) or len(user.args) != 2 or user.kwargs:
+        raise Reject(f"adapter output feeds {user.target if isinstance(user.target, str) else getattr(user.target, '__name__', user.target)}, not an add onto a base linear (DoRA?)")
+    add = user
+    r = add.args[0] if add.args[1] is v else add.args[1]
+    if not is_call(r, LINEAR_TARGETS):
+        if is_call(r, ADD_TARGETS) and any(_scaled_lora_branch(a) for a in r.args):
+            raise Reject("several active adapters on one layer: not supported")
+        raise Reject("the adapter is not added to a linear of the same input")
+    rx, weight, bias = linear_args(r)
+    if rx is not x:
+        raise Reject("base linear and adapter read different inputs")
+    _check_single_use(r, "base linear output")
+    consumed += [r, add]
+
+    out = add
+    xv, addv = value(x), value(add)
+    if xv is None or addv is None:
+        raise Reject("no recorded tensor metadata")
+    if addv.dtype != xv.dtype:
+        cast = only_user(add)
+        if cast is None or cast_dtype(cast) != xv.dtype:
+            raise Reject(f"the {addv.dtype} sum is used before being cast back to {xv.dtype}")
+        out = cast
+        consumed.append(cast)
+    for a in out.users:
+        if is_call(a, ADD_TARGETS) and any(_scaled_lora_branch(arg) for arg in a.args if arg is not out):
+            raise Reject("several active adapters on one layer: not supported")
+    _guard(x, x_lora, weight, bias, lora_a, lora_b)
+    return LoraMatch(x, x_lora, weight, bias, lora_a, lora_b, scale, out, consumed,
+                     ctx.locate(weight, module_path(add, ctx.prefix)))
+
+
+def _guard(x, x_lora, weight, bias, lora_a, lora_b):
+    """What fxopt::lora_linear supports; decided on static sizes only (the token count stays symbolic)."""
+    xv, wv, av, bv = value(x), value(weight), value(lora_a), value(lora_b)
+    if any(v is None for v in (xv, wv, av, bv)):
+        raise Reject("no recorded tensor metadata")
+    if xv.dtype not in FLOATS or wv.dtype != xv.dtype:
+        raise Reject(f"input/weight dtypes {xv.dtype}/{wv.dtype} not supported (need equal fp32/fp16/bf16)")
+    if av.dtype not in FLOATS or bv.dtype != av.dtype:
+        raise Reject(f"adapter dtypes {av.dtype}/{bv.dtype} not supported")
+    if wv.dim() != 2 or av.dim() != 2 or bv.dim() != 2 or xv.dim() < 1:
+        raise Reject("unexpected ranks of weight or adapter matrices")
+    n, k = (static_int(s) for s in wv.shape)
+    r, ka = (static_int(s) for s in av.shape)
+    nb, rb = (static_int(s) for s in bv.shape)
+    kx = static_int(xv.shape[-1])
+    if None in (n, k, r, ka, nb, rb, kx):
+        raise Reject("symbolic weight or feature sizes")
+    if not (k == ka == kx and n == nb and r == rb):
+        raise Reject(f"shape mismatch W{[n, k]} A{[r, ka]} B{[nb, rb]} x[..., {kx}]")
+    if bias is not None:
+        biasv = value(bias)
+        if biasv is None or biasv.dtype != xv.dtype or tuple(biasv.shape) != (n,):
+            raise Reject("bias of unexpected dtype or shape")
+    if len({t.device for t in (xv, wv, av, bv)}) != 1:
+        raise Reject("tensors on different devices")
+    if x_lora is not None and (value(x_lora) is None or tuple(value(x_lora).shape) != tuple(xv.shape)):
+        raise Reject("adapter input of another shape")
+
+
+def _group(matches):
+    """Matches that read the same x without dropout share one op (horizontal fusion); others stay alone."""
+    groups: dict = {}
+    for m in matches:
+        key = (m.x, value(m.lora_a).dtype) if m.x_lora is None else id(m)
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
+
+
+def _rewrite(gm, group, order):
+    graph = gm.graph
+    m0 = group[0]
+    inputs = [m0.x, m0.x_lora] + [n for m in group for n in (m.weight, m.bias, m.lora_a, m.lora_b)]
+    anchor = max((n for n in inputs if isinstance(n, fx.Node)), key=order.__getitem__)
+    args = (m0.x, [m.weight for m in group], [m.bias for m in group], [m.lora_a for m in group],
+            [m.lora_b for m in group], [m.scaling for m in group], m0.x_lora)
+    with graph.inserting_after(anchor):
+        op = graph.call_function(torch.ops.fxopt.lora_linear.default, args)
+    op.meta.update({k: v for k, v in m0.out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+    op.meta["example_value"] = [value(m.out) for m in group]
+    prev = op
+    for i, m in enumerate(group):
+        with graph.inserting_after(prev):
+            item = graph.call_function(operator.getitem, (op, i))
+        item.meta.update(m.out.meta)
+        m.out.replace_all_uses_with(item)
+        prev = item
+    for m in group:
+        dead = list(m.consumed)
+        # the adapter-input casts die too when the op reads x directly
+        node = linear_args(m.consumed[0])[0]
+        while m.x_lora is None and node is not m.x and isinstance(node, fx.Node):
+            dead.append(node)
+            node = node.args[0]
+        for n in sorted(set(dead), key=order.__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+
+
+def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
+    from fxopt.kernels import lora as _lora_kernels  # noqa: F401  (registers torch.ops.fxopt.lora_linear)
+
+    records, matches = [], []
+    for node in list(gm.graph.nodes):
+        if not (is_call(node, LINEAR_TARGETS) and is_call(linear_args(node)[0], LINEAR_TARGETS)):
+            continue
+        try:
+            matches.append(match_at(node, ctx))
+        except Reject as e:
+            where = ctx.locate(linear_args(node)[1], module_path(node, ctx.prefix))
+            records.append(MatchRecord(NAME, where, "rejected", str(e), ctx.graph_name))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for group in _group(matches):
+        _rewrite(gm, group, order)
+        names = [m.location for m in group]
+        for m in group:
+            fused = f" (one op with {', '.join(n.rsplit('.', 1)[-1] for n in names if n != m.location)})" if len(group) > 1 else ""
+            detail = f"fxopt::lora_linear, r={static_int(value(m.lora_a).shape[0])}, scale={m.scaling:g}"
+            detail += ", dropout kept" if m.x_lora is not None else ""
+            records.append(MatchRecord(NAME, m.location, "matched", detail + fused, ctx.graph_name))
+    if matches:
+        gm.graph.lint()
+        gm.recompile()
+    return records

@@ -1,0 +1,59 @@
+"""The match report: what each pass matched, where in the model, and why a near-miss was rejected."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class MatchRecord:
+    pass_name: str
+    location: str  # module path in the model, e.g. "model.layers.0.self_attn.q_proj"
+    status: str  # "matched" or "rejected"
+    reason: str = ""  # for "rejected": why; for "matched": what it became
+    graph: str = ""  # which captured graph (region) it was found in
+
+
+class Report:
+    """Collects MatchRecords across every graph fxopt compiles for one model."""
+
+    def __init__(self):
+        self.records: list[MatchRecord] = []
+        self.graphs: list[str] = []
+
+    def add(self, records):
+        self.records.extend(records)
+
+    def matched(self, pass_name: str | None = None) -> list[MatchRecord]:
+        return [r for r in self.records if r.status == "matched" and (pass_name is None or r.pass_name == pass_name)]
+
+    def rejected(self, pass_name: str | None = None) -> list[MatchRecord]:
+        return [r for r in self.records if r.status == "rejected" and (pass_name is None or r.pass_name == pass_name)]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            out.setdefault(r.pass_name, {"matched": 0, "rejected": 0})[r.status] += 1
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"graphs": self.graphs, "summary": self.summary(), "records": [asdict(r) for r in self.records]}, indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"fxopt match report: {len(self.graphs)} graph(s) compiled", ""]
+        if not self.records:
+            lines.append("No pass matched anything and no near-miss was found: the model runs unchanged.")
+            return "\n".join(lines)
+        lines += ["| pass | where | status | detail |", "|---|---|---|---|"]
+        for r in self.records:
+            lines.append(f"| {r.pass_name} | {r.location} | {r.status} | {r.reason} |")
+        lines.append("")
+        for name, c in self.summary().items():
+            lines.append(f"- {name}: {c['matched']} matched, {c['rejected']} rejected")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.to_markdown()
+
+    def __repr__(self):
+        return f"Report({self.summary()})"

@@ -1,0 +1,23 @@
+# TRITON_INTERPRET is read when @triton.jit decorates a kernel, so it must be set before fxopt's
+# kernels are imported: on a machine without CUDA, tests run the real Triton kernels in the interpreter.
+import os
+
+try:
+    import torch as _torch
+
+    _HAS_CUDA = _torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
