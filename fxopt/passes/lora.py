@@ -190,8 +190,9 @@ def _rewrite(gm, group, order):
     m0 = group[0]
     inputs = [m0.x, m0.x_lora] + [n for m in group for n in (m.weight, m.bias, m.lora_a, m.lora_b)]
     anchor = max((n for n in inputs if isinstance(n, fx.Node)), key=order.__getitem__)
-    args = (m0.x, [m.weight for m in group], [m.bias for m in group], [m.lora_a for m in group],
-            [m.lora_b for m in group], [m.scaling for m in group], m0.x_lora)
+    args = (m0.x, [m.weight for m in group], [m.bias for m in group if m.bias is not None],
+            [m.lora_a for m in group], [m.lora_b for m in group], [m.scaling for m in group], m0.x_lora,
+            [m.bias is not None for m in group])
     with graph.inserting_after(anchor):
         op = graph.call_function(torch.ops.fxopt.lora_linear.default, args)
     op.meta.update({k: v for k, v in m0.out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})

@@ -1,0 +1,61 @@
+"""Command line: `python -m fxopt demo` (the main job) and `python -m fxopt explain`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _explain(args):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+
+    import fxopt
+
+    if hasattr(transformers, args.model) and args.model.endswith("Config"):
+        cfg = getattr(transformers, args.model)()
+        for key, val in dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512).items():
+            if hasattr(cfg, key):
+                setattr(cfg, key, val)
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        try:
+            AutoConfig.from_pretrained(args.model, local_files_only=True)
+        except Exception as e:
+            raise SystemExit(f"--model: {args.model!r} is neither a transformers config class name nor a local model "
+                             f"directory ({e})")
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.seq))
+    fxopt.explain(model, input_ids=ids, labels=ids)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fxopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small Llama + LoRA as is and with fxopt, and compare")
+    demo.add_argument("--size", choices=["tiny", "small", "dense"], default=None,
+                      help="model size (default: tiny on CPU, the dense workload on a GPU)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 30 on CPU, 20 on GPU)")
+    demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ex = sub.add_parser("explain", help="print the match report for a model, without training")
+    ex.add_argument("--model", required=True, help="a transformers config class name (e.g. LlamaConfig) or a local path")
+    ex.add_argument("--no-lora", dest="lora", action="store_false", help="do not add PEFT LoRA adapters")
+    ex.add_argument("--seq", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from fxopt.demo import run_demo
+
+        run_demo(args.size, args.steps, args.device)
+    elif args.command == "explain":
+        _explain(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""fxopt::lora_linear: base linear plus LoRA adapter in one accumulator, for one or several adapters that
+read the same input (q/k/v, gate/up).
+
+    out_i = x @ W_i^T + b_i + s_i * (x_l @ A_i^T) @ B_i^T          x_l = x_lora (dropout(x)) or x
+
+Forward: t = x_l @ [A_1; ...; A_n]^T is one small GEMM for all adapters; then for each i one Triton kernel
+computes x @ W_i^T and adds s_i * t_i @ B_i^T into the same fp32 accumulator (a short extra K-loop of
+length R_i), plus the bias, and stores once: the base and adapter outputs are never written separately.
+Backward (W frozen): u_i = dY_i @ B_i; dX = sum_i dY_i @ W_i + s_i * u_i @ A_i, by the same kernel (X=dY_i,
+weight W_i, low-rank u_i and A_i, accumulating over i); dA_i = s_i u_i^T x_l; dB_i = s_i dY_i^T t_i.
+Saved for backward: x, x_lora (if any) and t; weights and adapters are parameters.
+
+The adapter branch runs in the adapter's dtype, like PEFT (which keeps adapters in fp32 over a bf16 base).
+On CUDA the op launches the Triton kernel; on CPU it runs `reference`-equivalent torch math, except when
+the kernel is interpreted (TRITON_INTERPRET=1 set before import), where the same Triton code runs in
+Triton's interpreter: that is how CI tests the kernel without a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: every launch falls back to the torch math
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _matmul_lowrank_kernel(
+        X, W, T, L, BIAS, OUT, M, N, K, R,
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_tm, stride_tr, stride_lr, stride_ln,
+        stride_om, stride_on, scale,
+        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+        PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """OUT[M, N] (+)= X[M, K] @ W[K, N] + scale * T[M, R] @ L[R, N] + BIAS[N], any strides."""
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        # grouped ordering: consecutive programs share rows of X, so X tiles stay in L2
+        width = GROUP_M * grid_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if HAS_LOWRANK:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                t = tl.load(T + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                lo = tl.load(L + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                low = tl.dot(t, lo, low, input_precision=LOWRANK_PRECISION)
+            acc += scale * low
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
+
+    _INTERPRETED = type(_matmul_lowrank_kernel).__name__ == "InterpretedFunction"
+
+    # Hopper-friendly tiles; M (the token count) is symbolic in the graph, so tune on N and K only.
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+        ]
+    ]
+    _tuned_kernel = None if _INTERPRETED else triton.autotune(configs=_CONFIGS, key=["N", "K", "R"])(_matmul_lowrank_kernel)
+else:
+    _INTERPRETED = False
+
+
+def _use_triton(t: Tensor) -> bool:
+    return triton is not None and (t.is_cuda or (_INTERPRETED and t.device.type == "cpu"))
+
+
+def matmul_lowrank(x, w, t, lo, scale, bias, out, accumulate=False):
+    """out (+)= x @ w + scale * t @ lo + bias, with x [M, K], w [K, N], t [M, R], lo [R, N] (any strides).
+    t/lo may be None (no low-rank term). The Triton kernel on CUDA or in the interpreter; torch otherwise."""
+    M, K = x.shape
+    N = w.shape[1]
+    if not _use_triton(x):
+        acc = x.float() @ w.float()
+        if t is not None:
+            acc += scale * (t.float() @ lo.float())
+        if bias is not None:
+            acc += bias.float()
+        if accumulate:
+            acc += out.float()
+        out.copy_(acc)
+        return out
+    has_low = t is not None
+    R = t.shape[1] if has_low else 0
+    t_ = t if has_low else x
+    lo_ = lo if has_low else w
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    low_precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    block_r = 16 if R <= 16 else (32 if R <= 32 else 64)
+    args = (x, w, t_, lo_, bias if bias is not None else x, out, M, N, K, R,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), t_.stride(0), t_.stride(1),
+            lo_.stride(0), lo_.stride(1), out.stride(0), out.stride(1), float(scale))
+    flags = dict(HAS_LOWRANK=has_low, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+                 PRECISION=precision, LOWRANK_PRECISION=low_precision, BLOCK_R=block_r)
+    if _INTERPRETED:
+        bm, bn, bk = 16, 32, 32
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        with torch.cuda.device(x.device):
+            _tuned_kernel[grid](*args, **flags)
+    return out
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _adapter_input(x2, x_lora, dtype):
+    return (x2 if x_lora is None else _flat(x_lora)).to(dtype)
+
+
+def _per_adapter_bias(biases, has_bias):
+    it = iter(biases)
+    return [next(it) if hb else None for hb in has_bias]
+
+
+def _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
+    biases = _per_adapter_bias(biases, has_bias)
+    x2 = _flat(x)
+    adt = lora_as[0].dtype
+    a_cat = torch.cat([a.to(adt) for a in lora_as]) if len(lora_as) > 1 else lora_as[0]
+    t = _adapter_input(x2, x_lora, adt) @ a_cat.t()  # [M, sum R_i]: one GEMM for every adapter
+    outs, r0 = [], 0
+    for w, b, a, bm, s in zip(weights, biases, lora_as, lora_bs, scalings):
+        r = a.shape[0]
+        out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        matmul_lowrank(x2, w.t(), t[:, r0:r0 + r], bm.to(adt).t(), s, b, out)
+        outs.append(out.view(*x.shape[:-1], w.shape[0]))
+        r0 += r
+    return outs, t
+
+
+@torch.library.custom_op("fxopt::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_as: list[Tensor],
+                lora_bs: list[Tensor], scalings: list[float], x_lora: Optional[Tensor],
+                has_bias: list[bool]) -> list[Tensor]:
+    """Returns [out_1, ..., out_n, t]; t = x_l @ [A_1; ...; A_n]^T is returned only to be saved for backward.
+    `biases` holds only the biases that exist, `has_bias[i]` says whether adapter i's base has one (a list of
+    optional tensors would be one opaque leaf to the custom-op autograd, with no way to return its grads)."""
+    outs, t = _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias)
+    return outs + [t]
+
+
+@lora_linear.register_fake
+def _(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m = m * d
+    rsum = sum(a.shape[0] for a in lora_as)
+    return [x.new_empty(*lead, w.shape[0]) for w in weights] + [x.new_empty(m, rsum, dtype=lora_as[0].dtype)]
+
+
+@torch.library.custom_op("fxopt::lora_linear_backward", mutates_args=())
+def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor], t: Tensor, weights: list[Tensor],
+                         lora_as: list[Tensor], lora_bs: list[Tensor], scalings: list[float], need_dx: bool,
+                         need_dw: list[bool], need_db: list[bool]) -> list[Tensor]:
+    """Returns [dx?] + [dx_lora?] + [dW_i where need_dw[i]] + [db_i where need_db[i]] + [dA_i] + [dB_i]."""
+    x2 = _flat(x)
+    adt = lora_as[0].dtype
+    xl = _adapter_input(x2, x_lora, adt)
+    dys = [g.reshape(-1, g.shape[-1]) for g in grads]
+    dys_a = [dy.to(adt) for dy in dys]  # the adapter's gradients are computed in its dtype, as PEFT does
+    us = [dy @ bm.to(adt) for dy, bm in zip(dys_a, lora_bs)]
+    result = []
+    if need_dx:
+        dx = torch.empty_like(x2, dtype=x.dtype, memory_format=torch.contiguous_format)
+        for i, (dy, w, a, u, s) in enumerate(zip(dys, weights, lora_as, us, scalings)):
+            low = (u, a.to(adt)) if x_lora is None else (None, None)
+            matmul_lowrank(dy, w, low[0], low[1], s, None, dx, accumulate=i > 0)
+        result.append(dx.view(x.shape))
+    if x_lora is not None:
+        dxl = sum(s * (u @ a.to(adt)) for u, a, s in zip(us, lora_as, scalings))
+        result.append(dxl.to(x_lora.dtype).view(x_lora.shape))
+    result += [dy.t() @ x2 for dy, nw in zip(dys, need_dw) if nw]
+    result += [dy.sum(0) for dy, nb in zip(dys, need_db) if nb]
+    r0 = 0
+    d_as, d_bs = [], []
+    for dy, u, a, s in zip(dys_a, us, lora_as, scalings):
+        r = a.shape[0]
+        d_as.append((s * (u.t() @ xl)).to(a.dtype))
+        d_bs.append((s * (dy.t() @ t[:, r0:r0 + r])).to(a.dtype))
+        r0 += r
+    return result + d_as + d_bs
+
+
+@lora_linear_backward.register_fake
+def _(grads, x, x_lora, t, weights, lora_as, lora_bs, scalings, need_dx, need_dw, need_db):
+    result = [torch.empty_like(x)] if need_dx else []
+    if x_lora is not None:
+        result.append(torch.empty_like(x_lora))
+    result += [torch.empty_like(w) for w, nw in zip(weights, need_dw) if nw]
+    result += [w.new_empty(w.shape[0]) for w, nb in zip(weights, need_db) if nb]
+    result += [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
+    return result
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias = inputs
+    ctx.save_for_backward(x, x_lora, output[-1], *weights, *lora_as, *lora_bs)
+    ctx.n = len(weights)
+    ctx.scalings = list(scalings)
+    ctx.has_bias = list(has_bias)
+
+
+def _backward(ctx, grads):
+    n = ctx.n
+    x, x_lora, t, *params = ctx.saved_tensors
+    weights, lora_as, lora_bs = params[:n], params[n:2 * n], params[2 * n:]
+    need = ctx.needs_input_grad  # (x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias)
+    need_dx = bool(need[0])
+    need_dw = [bool(v) for v in need[1]]
+    it = iter(need[2])
+    need_db = [bool(next(it)) if hb else False for hb in ctx.has_bias]
+    grads = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+             for g, w in zip(grads[:n], weights)]
+    flat = iter(lora_linear_backward(grads, x, x_lora, t, weights, lora_as, lora_bs, ctx.scalings,
+                                     need_dx, need_dw, need_db))
+    dx = next(flat) if need_dx else None
+    dxl = next(flat) if x_lora is not None else None
+    dws = [next(flat) if nw else None for nw in need_dw]
+    dbs = [next(flat) if nb else None for nb, hb in zip(need_db, ctx.has_bias) if hb]
+    d_as = [next(flat) for _ in range(n)]
+    d_bs = [next(flat) for _ in range(n)]
+    return dx, dws, dbs, d_as, d_bs, None, dxl, None
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reference(x, weights, biases, lora_as, lora_bs, scalings, x_lora=None) -> list[Tensor]:
+    """The op's math in plain PyTorch (differentiable): what PEFT computes for each adapter."""
+    xl = x if x_lora is None else x_lora
+    outs = []
+    for w, b, a, bm, s in zip(weights, biases, lora_as, lora_bs, scalings):
+        base = F.linear(x, w, b)
+        adapter = F.linear(F.linear(xl.to(a.dtype), a), bm) * s
+        outs.append((base.to(torch.promote_types(base.dtype, adapter.dtype)) + adapter).to(x.dtype))
+    return outs
+
+
+def lora_linear_fn(x, weights, biases, lora_as, lora_bs, scalings, x_lora=None) -> list[Tensor]:
+    """Call the op with one optional bias per adapter (None where absent); returns [out_1, ..., out_n]."""
+    has_bias = [b is not None for b in biases]
+    return torch.ops.fxopt.lora_linear(x, list(weights), [b for b in biases if b is not None], list(lora_as),
+                                       list(lora_bs), [float(s) for s in scalings], x_lora, has_bias)[:len(weights)]

@@ -1,0 +1,197 @@
+"""The LoRA pass on tiny real HF models: what it matches (count), what it must not, and equal numerics."""
+import torch
+import pytest
+
+import fxopt
+from fxopt.kernels import lora as lora_kernels  # noqa: F401
+from tests.models import TARGETS, batch, lora_grads, rel_err, tiny_lora_model, twin
+
+torch._dynamo.config.cache_size_limit = 64
+
+
+def _train_step(model, b):
+    model.zero_grad(set_to_none=True)
+    out = model(**b)
+    out.loss.backward()
+    return out.loss.detach(), lora_grads(model)
+
+
+def _compare(model, **opts):
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager", **opts)
+    b = batch()
+    loss, grads = _train_step(model, b)
+    ref_loss, ref_grads = _train_step(ref, b)
+    assert rel_err(loss, ref_loss) < 1e-5, (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+    return fxopt.report(model)
+
+
+def _matched_modules(report):
+    return {r.location for r in report.matched("lora")}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen2"])
+def test_every_lora_linear_matched_and_numerics_equal(family):
+    model = tiny_lora_model(family)
+    report = _compare(model)
+    n_lora = sum(1 for n, _ in model.named_modules() if n.endswith(tuple(TARGETS)))
+    assert len(_matched_modules(report)) == n_lora == 14
+    assert not report.rejected("lora")
+
+
+def test_regional_off_matches_whole_graph():
+    model = tiny_lora_model("llama")
+    report = _compare(model, regional=False)
+    assert len(_matched_modules(report)) == 14
+
+
+def test_horizontal_fusion_groups_qkv_and_gate_up():
+    model = tiny_lora_model("llama")
+    report = _compare(model)
+    q = [r for r in report.matched("lora") if r.location.endswith("q_proj")][0]
+    gate = [r for r in report.matched("lora") if r.location.endswith("gate_proj")][0]
+    o = [r for r in report.matched("lora") if r.location.endswith("o_proj")][0]
+    assert "k_proj" in q.reason and "v_proj" in q.reason
+    assert "up_proj" in gate.reason
+    assert "one op with" not in o.reason
+
+
+def test_rslora_and_bf16_base_with_fp32_adapters():
+    model = tiny_lora_model("llama", use_rslora=True, r=8, lora_alpha=16)
+    report = _compare(model)
+    assert len(_matched_modules(report)) == 14
+    assert "scale=5.65685" in report.matched("lora")[0].reason  # 16 / sqrt(8)
+    model = tiny_lora_model("llama", dtype=torch.bfloat16)
+    ref = twin(model)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    fxopt.optimize(model, inner_backend="aot_eager")
+    b = batch()
+    loss, grads = _train_step(model, b)
+    ref_loss, ref_grads = _train_step(ref, b)
+    assert len(_matched_modules(fxopt.report(model))) == 14
+    assert rel_err(loss, ref_loss) < 1e-2
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 2e-2, name  # bf16 activations through 2 layers
+
+
+def test_dropout_is_kept_train_drops_eval_does_not():
+    model = tiny_lora_model("llama", lora_dropout=0.5)
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    b = batch()
+    model.train()
+    torch.manual_seed(0)
+    train_a = model(**b).loss.detach()
+    torch.manual_seed(1)
+    train_b = model(**b).loss.detach()
+    report = fxopt.report(model)
+    assert len(_matched_modules(report)) == 14
+    assert all("dropout kept" in r.reason for r in report.matched("lora"))
+    assert train_a != train_b  # dropout draws differ: it was kept in train mode
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert rel_err(model(**b).loss, ref(**b).loss) < 1e-5
+
+
+def test_dora_is_not_matched_and_reported():
+    model = tiny_lora_model("llama", use_dora=True)
+    report = _compare(model)
+    assert not report.matched("lora")
+    assert report.rejected("lora") and all("DoRA" in r.reason for r in report.rejected("lora"))
+
+
+def test_multiple_active_adapters_not_matched():
+    from peft import LoraConfig
+
+    model = tiny_lora_model("llama", target_modules=["q_proj"])
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.base_model.set_adapter(["default", "second"])
+    report = _compare(model)
+    assert not report.matched("lora")
+    assert any("several active adapters" in r.reason for r in report.rejected("lora"))
+
+
+def test_disable_by_name_leaves_graph_alone():
+    model = tiny_lora_model("llama")
+    report = _compare(model, disable=["lora"])
+    assert not report.records
+
+
+def test_no_recompile_when_sequence_length_changes():
+    from torch._dynamo.utils import counters
+
+    model = tiny_lora_model("llama")
+    fxopt.optimize(model, inner_backend="aot_eager")
+    _train_step(model, batch(seq=16))
+    _train_step(model, batch(seq=24))  # the first change marks the length dynamic: one more compile
+    before = counters["stats"]["unique_graphs"]
+    for seq in (32, 17, 40):
+        _train_step(model, batch(seq=seq))
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_no_graph_break_added():
+    from torch._dynamo.utils import counters
+
+    def breaks(backend):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_lora_model("llama")
+        torch.compile(model, backend=backend)(**batch()).loss.backward()
+        return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+    assert breaks(fxopt.make_backend(fxopt.OptimizeConfig(inner_backend="aot_eager"))) == breaks("aot_eager")
+
+
+def test_dump_dir_writes_code_and_report(tmp_path):
+    model = tiny_lora_model("llama")
+    fxopt.optimize(model, inner_backend="aot_eager", dump_dir=str(tmp_path))
+    model(**batch()).loss.backward()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith(".before.py") for n in names) and any(n.endswith(".after.py") for n in names)
+    after = "".join(p.read_text() for p in tmp_path.glob("*.after.py"))
+    assert "fxopt.lora_linear" in after
+    md = "".join(p.read_text() for p in tmp_path.glob("*.report.md"))
+    assert "self_attn.q_proj" in md and "matched" in md
+
+
+def test_explain_does_not_compile_the_model(capsys):
+    model = tiny_lora_model("llama")
+    b = batch()
+    report = fxopt.explain(model, **b)
+    assert len(_matched_modules(report)) == 14
+    assert "fxopt match report" in capsys.readouterr().out
+    assert getattr(model, "_fxopt_report", None) is None
+
+
+def test_backend_by_name():
+    model = tiny_lora_model("llama")
+    ref = twin(model)
+    b = batch()
+    out = torch.compile(model, backend="fxopt")(**b).loss
+    assert rel_err(out, ref(**b).loss) < 1e-5
+
+
+def test_bad_input_errors():
+    model = tiny_lora_model("llama")
+    with pytest.raises(TypeError, match="nn.Module"):
+        fxopt.optimize("not a model")
+    with pytest.raises(TypeError, match="frobnicate"):
+        fxopt.optimize(model, frobnicate=True)
+    with pytest.raises(ValueError, match="nope"):
+        fxopt.optimize(model, disable=["nope"])
+    with pytest.raises(ValueError, match="inner_backend"):
+        fxopt.OptimizeConfig(inner_backend="tvm")
+    with pytest.raises(TypeError, match="config"):
+        fxopt.optimize(model, config={"disable": []})
+    fxopt.optimize(model, inner_backend="aot_eager")
+    with pytest.raises(ValueError, match="already optimized"):
+        fxopt.optimize(model)
