@@ -108,6 +108,9 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
         raise Reject("adapter output is used more than once")
     if is_call(user, MUL_TARGETS):
         other = user.args[1] if user.args[0] is u else user.args[0]
+        if isinstance(other, fx.Node) and value(other) is None:
+            raise Reject("adapter scale is a runtime number (Dynamo made the float dynamic, e.g. after a "
+                         "change of lora_alpha): not supported")
         if not isinstance(other, (int, float)) or isinstance(other, bool):
             raise Reject("adapter output is scaled by a tensor (DoRA or a custom scale): not supported")
         v, scale = user, float(other)

@@ -59,11 +59,14 @@ def test_horizontal_fusion_groups_qkv_and_gate_up():
     assert "one op with" not in o.reason
 
 
-def test_rslora_and_bf16_base_with_fp32_adapters():
+def test_rslora_scale():
     model = tiny_lora_model("llama", use_rslora=True, r=8, lora_alpha=16)
     report = _compare(model)
     assert len(_matched_modules(report)) == 14
     assert "scale=5.65685" in report.matched("lora")[0].reason  # 16 / sqrt(8)
+
+
+def test_bf16_base_with_fp32_adapters():
     model = tiny_lora_model("llama", dtype=torch.bfloat16)
     ref = twin(model)
     assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
