@@ -26,121 +26,153 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton: every launch falls back to the torch math
+except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
+
+_INTERPRETED = False
 
 if triton is not None:
 
     @triton.jit
-    def _matmul_lowrank_kernel(
-        X, W, T, L, BIAS, OUT, M, N, K, R,
+    def _lora_matmul_kernel(
+        X, W, T, L, BIAS, OUT,
+        M, N, K, R, M_BUCKET,
         stride_xm, stride_xk, stride_wk, stride_wn, stride_tm, stride_tr, stride_lr, stride_ln,
-        stride_om, stride_on, scale,
-        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-        PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
+        stride_om, stride_on,
+        scale,
+        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """OUT[M, N] (+)= X[M, K] @ W[K, N] + scale * T[M, R] @ L[R, N] + BIAS[N], any strides."""
+        """OUT[M, N] (+)= X[M, K] @ W[K, N] + scale * T[M, R] @ L[R, N] + BIAS[N]; fp32 accumulator."""
+        # Grouped launch order: GROUP_M row-blocks share their column-blocks of W while they sit in L2.
         pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BLOCK_M)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        # grouped ordering: consecutive programs share rows of X, so X tiles stay in L2
-        width = GROUP_M * grid_n
-        group = pid // width
-        first_m = group * GROUP_M
-        size_m = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % rows
+        pid_n = (pid % group) // rows
 
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Operand loads wrap rows/columns past the edge onto valid ones (modulo) instead of masking them, so
+        # they stay unmasked in M and N; the extra rows/columns are dropped by the masked store.
+        # int64: M * stride exceeds 2^31 for long inputs.
+        load_m = (offs_m % M).to(tl.int64)
+        load_n = (offs_n % N).to(tl.int64)
+
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = X + load_m[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = W + rk[:, None] * stride_wk + load_n[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        if HAS_LOWRANK:
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
-                t = tl.load(T + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                lo = tl.load(L + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
-                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                low = tl.dot(t, lo, low, input_precision=LOWRANK_PRECISION)
-            acc += scale * low
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        if HAS_LORA:
+            # The low-rank term goes into the same accumulator (a second one would double the registers of
+            # the tile), so the scale is folded into the T tile, multiplied in fp32 before the cast back.
+            rr = tl.arange(0, BLOCK_R)
+            t_ptrs = T + load_m[:, None] * stride_tm + rr[None, :] * stride_tr
+            l_ptrs = L + rr[:, None] * stride_lr + load_n[None, :] * stride_ln
+            for r in range(0, tl.cdiv(R, BLOCK_R)):
+                r_left = R - r * BLOCK_R
+                t = tl.load(t_ptrs, mask=rr[None, :] < r_left, other=0.0)
+                t = (t.to(tl.float32) * scale).to(t.dtype)
+                lo = tl.load(l_ptrs, mask=rr[:, None] < r_left, other=0.0)
+                acc = tl.dot(t, lo, acc, input_precision=PRECISION)
+                t_ptrs += BLOCK_R * stride_tr
+                l_ptrs += BLOCK_R * stride_lr
+
+        mask_n = offs_n < N
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = OUT + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        out_mask = mask_m[:, None] & mask_n[None, :]
+        out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        mask = (offs_m[:, None] < M) & mask_n[None, :]
         if ACCUMULATE:
-            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
-    _INTERPRETED = type(_matmul_lowrank_kernel).__name__ == "InterpretedFunction"
+    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
+    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
+    _INTERPRETED = type(_lora_matmul_kernel).__name__ == "InterpretedFunction"
 
-    # Hopper-friendly tiles; M (the token count) is symbolic in the graph, so tune on N and K only.
+    # Hopper-sized tiles (a config that does not fit shared memory, e.g. the largest in fp32, is skipped by
+    # the autotuner). M, the token count, is symbolic in the compiled graph and varies: tune on a
+    # power-of-two bucket of it. stride_wn is in the key because the same (N, K) comes as W^T (forward) and
+    # as W (backward dX). restore_value: the backward accumulates into OUT, tuning runs must not stack up.
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+            (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
         ]
     ]
-    _tuned_kernel = None if _INTERPRETED else triton.autotune(configs=_CONFIGS, key=["N", "K", "R"])(_matmul_lowrank_kernel)
-else:
-    _INTERPRETED = False
+    _tuned_kernel = None if _INTERPRETED else triton.autotune(
+        configs=_CONFIGS, key=["N", "K", "M_BUCKET", "stride_wn"], restore_value=["OUT"])(_lora_matmul_kernel)
 
 
-def _use_triton(t: Tensor) -> bool:
+def _use_triton(*tensors: Tensor) -> bool:
+    t = tensors[0]
     if triton is None:
         return False
     if t.is_cuda:
         return True
-    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the
-    # CPU takes the torch math, and the bf16 kernel is tested on the GPU
-    return _INTERPRETED and t.device.type == "cpu" and t.dtype != torch.bfloat16
+    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the CPU
+    # takes the torch math, and the bf16 kernel is tested on the GPU.
+    return (_INTERPRETED and t.device.type == "cpu"
+            and all(u is None or u.dtype != torch.bfloat16 for u in tensors))
 
 
-def matmul_lowrank(x, w, t, lo, scale, bias, out, accumulate=False):
-    """out (+)= x @ w + scale * t @ lo + bias, with x [M, K], w [K, N], t [M, R], lo [R, N] (any strides).
-    t/lo may be None (no low-rank term). The Triton kernel on CUDA or in the interpreter; torch otherwise."""
+def _new_output(shape, dtype, device) -> Tensor:
+    """Every buffer the kernel writes is allocated here (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
+                  bias: Optional[Tensor], out: Tensor, accumulate: bool = False) -> Tensor:
+    """out (+)= x @ w + scale * t @ lo + bias;  x [M, K], w [K, N], t [M, R], lo [R, N], any strides.
+    t and lo are None for no low-rank term. x, w share a dtype; t, lo share one (possibly another)."""
     M, K = x.shape
     N = w.shape[1]
-    if not _use_triton(x):
-        acc = x.float() @ w.float()
-        if t is not None:
-            acc += scale * (t.float() @ lo.float())
-        if bias is not None:
-            acc += bias.float()
-        if accumulate:
-            acc += out.float()
-        out.copy_(acc)
+    if M == 0 or N == 0:
         return out
-    has_low = t is not None
-    R = t.shape[1] if has_low else 0
-    t_ = t if has_low else x
-    lo_ = lo if has_low else w
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    low_precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    block_r = 16 if R <= 16 else (32 if R <= 32 else 64)
-    args = (x, w, t_, lo_, bias if bias is not None else x, out, M, N, K, R,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), t_.stride(0), t_.stride(1),
-            lo_.stride(0), lo_.stride(1), out.stride(0), out.stride(1), float(scale))
-    flags = dict(HAS_LOWRANK=has_low, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-                 PRECISION=precision, LOWRANK_PRECISION=low_precision, BLOCK_R=block_r)
+    if not _use_triton(x, t):
+        acc_dtype = torch.promote_types(out.dtype, torch.float32)
+        acc = x.to(acc_dtype) @ w.to(acc_dtype)
+        if t is not None:
+            acc += scale * (t @ lo).to(acc_dtype)
+        if bias is not None:
+            acc += bias.to(acc_dtype)
+        if accumulate:
+            acc += out
+        return out.copy_(acc)
+
+    has_lora = t is not None and t.shape[1] > 0
+    R = t.shape[1] if has_lora else 0
+    if not has_lora:  # the pointers are never read: any tensor will do
+        t, lo = x, w
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else out
+    # An fp32 result gets exact fp32 products (tl.dot on fp32 would use tf32 on the GPU); for a half
+    # precision result, fp32 adapter operands in tf32 are within that result's rounding.
+    precision = "ieee" if out.dtype == torch.float32 else "tf32"
+    args = (x, w, t, lo, bias, out, M, N, K, R, min(triton.next_power_of_2(M), 8192),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
+            lo.stride(0), lo.stride(1), out.stride(0), out.stride(1), float(scale))
+    flags = dict(HAS_LORA=has_lora, HAS_BIAS=has_bias, ACCUMULATE=accumulate, PRECISION=precision,
+                 BLOCK_R=16 if R <= 16 else (32 if R <= 32 else 64))
     if _INTERPRETED:
-        bm, bn, bk = 16, 32, 32
+        # one small config: the interpreter is slow and autotuning it is pointless
+        bm, bn = 16, 32
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+        _lora_matmul_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=2)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -172,8 +204,8 @@ def _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
     outs, r0 = [], 0
     for w, b, a, bm, s in zip(weights, biases, lora_as, lora_bs, scalings):
         r = a.shape[0]
-        out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        matmul_lowrank(x2, w.t(), t[:, r0:r0 + r], bm.to(adt).t(), s, b, out)
+        out = _new_output((x2.shape[0], w.shape[0]), x.dtype, x.device)
+        _fused_matmul(x2, w.t(), t[:, r0:r0 + r], bm.to(adt).t(), s, b, out)
         outs.append(out.view(*x.shape[:-1], w.shape[0]))
         r0 += r
     return outs, t
@@ -213,10 +245,10 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     us = [dy @ bm.to(adt) for dy, bm in zip(dys_a, lora_bs)]
     result = []
     if need_dx:
-        dx = torch.empty_like(x2, dtype=x.dtype, memory_format=torch.contiguous_format)
+        dx = _new_output(x2.shape, x.dtype, x.device)
         for i, (dy, w, a, u, s) in enumerate(zip(dys, weights, lora_as, us, scalings)):
             low = (u, a.to(adt)) if x_lora is None else (None, None)
-            matmul_lowrank(dy, w, low[0], low[1], s, None, dx, accumulate=i > 0)
+            _fused_matmul(dy, w, low[0], low[1], s, None, dx, accumulate=i > 0)
         result.append(dx.view(x.shape))
     if x_lora is not None:
         dxl = sum(s * (u @ a.to(adt)) for u, a, s in zip(us, lora_as, scalings))
