@@ -17,6 +17,8 @@ Triton's interpreter: that is how CI tests the kernel without a GPU.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Optional
 
 import torch
@@ -135,6 +137,27 @@ def _new_output(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Which GEMM runs the op on CUDA: "triton" (the fused kernel above) or "cublas" (cuBLAS base GEMM, then the
+# low-rank term added in place by a second cuBLAS call with beta=1). FXOPT_LORA_GEMM picks it for measuring.
+GEMM = os.environ.get("FXOPT_LORA_GEMM", "triton")
+if GEMM not in ("triton", "cublas"):
+    raise ValueError(f"FXOPT_LORA_GEMM must be 'triton' or 'cublas', got {GEMM!r}")
+
+
+def _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate):
+    if accumulate:
+        out.addmm_(x, w)
+    elif bias is not None:
+        torch.addmm(bias.to(out.dtype), x, w, out=out)
+    else:
+        torch.mm(x, w, out=out)
+    if accumulate and bias is not None:
+        out.add_(bias)
+    if t is not None:
+        out.addmm_(t.to(out.dtype), lo.to(out.dtype), alpha=scale)
+    return out
+
+
 def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
                   bias: Optional[Tensor], out: Tensor, accumulate: bool = False) -> Tensor:
     """out (+)= x @ w + scale * t @ lo + bias;  x [M, K], w [K, N], t [M, R], lo [R, N], any strides.
@@ -153,6 +176,8 @@ def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor
         if accumulate:
             acc += out
         return out.copy_(acc)
+    if x.is_cuda and GEMM == "cublas":
+        return _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate)
 
     has_lora = t is not None and t.shape[1] > 0
     R = t.shape[1] if has_lora else 0
