@@ -18,9 +18,12 @@ def test_bf16_model_on_gpu(family):
         m.zero_grad(set_to_none=True)
         m(**b).loss.backward()
     # the reference in fp32 shows how far bf16 rounding alone moves the result
-    assert rel_err(model(**b).loss, ref(**b).loss) < 1e-2
+    loss_err = rel_err(model(**b).loss, ref(**b).loss)
     got, want = lora_grads(model), lora_grads(ref)
     assert got.keys() == want.keys()
-    for name in got:
-        assert rel_err(got[name], want[name]) < 3e-2, name
+    errs = {name: rel_err(got[name], want[name]) for name in got}
+    print("loss rel err", loss_err, "worst grads", sorted(errs.items(), key=lambda kv: -kv[1])[:3])
+    assert loss_err < 1e-2
+    for name, err in errs.items():
+        assert err < 3e-2, name
     assert len({r.location for r in fxopt.report(model).matched("lora")}) == 14
