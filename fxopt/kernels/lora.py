@@ -138,11 +138,11 @@ def _new_output(shape, dtype, device) -> Tensor:
 
 
 # Which GEMM runs the op on CUDA: "triton" (the fused kernel above), "cublas" (cuBLAS base GEMM, then the
-# low-rank term added in place by a second cuBLAS call with beta=1), or "auto": the fused kernel for wide
-# outputs (N >= 4096, where it measured 1.2-2x faster than cuBLAS on the H100: gate/up), cuBLAS for the
-# narrow ones (q/k/v/o, down), where it measured slower (benchmarks/results/*-lora-kernel-*.md).
-# FXOPT_LORA_GEMM overrides the choice, for measuring.
-GEMM = os.environ.get("FXOPT_LORA_GEMM", "auto")
+# low-rank term added in place into the same buffer by a second cuBLAS call with beta=1), or "auto" (the
+# fused kernel for wide outputs, N >= 4096, where it measured 1.2-2x faster than cuBLAS in isolation).
+# Default "cublas": on the dense workload (H100, 2026-11-24) it trained as fast as "auto" (48.4k vs 47.7k
+# tokens/s) with a first step of 8 s instead of 33 s (the Triton autotuning). FXOPT_LORA_GEMM overrides it.
+GEMM = os.environ.get("FXOPT_LORA_GEMM", "cublas")
 if GEMM not in ("triton", "cublas", "auto"):
     raise ValueError(f"FXOPT_LORA_GEMM must be 'triton', 'cublas' or 'auto', got {GEMM!r}")
 
