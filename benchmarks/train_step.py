@@ -64,7 +64,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
 TINY_BATCH, TINY_SEQ = 2, 32
 
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt"]
+SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_cudagraphs"]
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -172,10 +172,10 @@ def worker(args, res: dict) -> None:
         raise
     if args.setup in ("compile", "liger_compile"):
         model = torch.compile(model)
-    elif args.setup == "fxopt":
+    elif args.setup.startswith("fxopt"):
         import fxopt
 
-        model = fxopt.optimize(model)
+        model = fxopt.optimize(model, cudagraphs=args.setup == "fxopt_cudagraphs")
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["experts_implementation"] = getattr(cfg, "_experts_implementation", None)
@@ -193,7 +193,7 @@ def worker(args, res: dict) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # a copy: under CUDA graphs the next step overwrites the loss
 
     losses = []
     if cuda:
@@ -212,6 +212,8 @@ def worker(args, res: dict) -> None:
         losses.append(step())
         sync()
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        _profile_step(args, step, torch)
     losses = [x.item() for x in losses]  # .item() only now: a sync inside the timed loop would cost time
 
     med = statistics.median(times)
@@ -227,13 +229,28 @@ def worker(args, res: dict) -> None:
         graph_break_reasons=[" ".join(k.split())[:300] for k in list(counters["graph_break"])[:5]],
         recompiles=len(recompiles.reasons), recompile_reasons=recompiles.reasons[:5],
     )
-    if args.setup == "fxopt":
+    if args.setup.startswith("fxopt"):
         try:  # fxopt's report API is young: a change there must not lose the measurement
             import fxopt
 
             res["fxopt_report"] = fxopt.report(model).summary()
         except Exception as e:
             res["fxopt_report"] = f"unavailable: {type(e).__name__}: {e}"
+
+
+def _profile_step(args, step, torch):
+    """One more step under torch.profiler: the top kernels by device time, to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    os.makedirs(args.profile, exist_ok=True)
+    with open(os.path.join(args.profile, f"{args.workload}-{args.setup}-profile.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90))
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -252,6 +269,8 @@ def _git_state():
 def run_one(args, workload, setup) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--workload", workload, "--setup", setup,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--size", args.size]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     # The repository first on the path, so `import fxopt` is this checkout even when not installed; the
     # caller's PYTHONPATH (e.g. /tmp/site holding liger-kernel) stays behind it.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
@@ -336,6 +355,7 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per (workload, setup) process")
+    p.add_argument("--profile", default="", help="directory: also profile one step per setup (top kernels)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--setup", help=argparse.SUPPRESS)

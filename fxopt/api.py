@@ -36,6 +36,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     found = find_blocks(model) if config.regional else None
     backend = make_backend(config, report, model)
     if found is not None:
+        report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
         compile_blocks(found[1], backend, config.dynamic)
     model.compile(backend=backend, dynamic=config.dynamic)
     model._fxopt_report = report

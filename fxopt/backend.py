@@ -6,6 +6,7 @@ Registered with Dynamo as "fxopt" through the `torch_dynamo_backends` entry poin
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import warnings
@@ -38,10 +39,12 @@ class PassContext:
         return name
 
 
-def _inner(name: str):
+def _inner(name: str, cudagraphs: bool = False):
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        if cudagraphs:
+            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
         return compile_fx
     return torch._dynamo.lookup_backend(name)
 
@@ -105,7 +108,7 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             sub.graphs.append(graph_name)
             sub.add(records)
             print(sub.to_markdown())
-        return _inner(config.inner_backend)(gm, example_inputs)
+        return _inner(config.inner_backend, config.cudagraphs)(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile

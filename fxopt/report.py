@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 
@@ -20,9 +21,22 @@ class Report:
     def __init__(self):
         self.records: list[MatchRecord] = []
         self.graphs: list[str] = []
+        self.blocks: tuple[str, int, str] | None = None  # (ModuleList path, number of blocks, class name)
+
+    def set_blocks(self, path: str, count: int, cls: str):
+        """Regional compilation: the blocks under `path` share one compiled block, so Dynamo compiles (and
+        the passes see) only the first block(s); every other block runs that same rewritten code."""
+        self.blocks = (path, count, cls)
 
     def add(self, records):
-        self.records.extend(records)
+        for r in records:
+            if self.blocks is not None:
+                # "model.layers.3.mlp.up_proj" -> "model.layers.*.mlp.up_proj": the record holds for every
+                # block that runs this compiled code, whichever block it was compiled for.
+                r.location = re.sub(rf"^{re.escape(self.blocks[0])}\.\d+\.", self.blocks[0] + ".*.", r.location)
+            key = (r.pass_name, r.location, r.status, r.reason)
+            if all((o.pass_name, o.location, o.status, o.reason) != key for o in self.records):
+                self.records.append(r)
 
     def matched(self, pass_name: str | None = None) -> list[MatchRecord]:
         return [r for r in self.records if r.status == "matched" and (pass_name is None or r.pass_name == pass_name)]
@@ -37,10 +51,14 @@ class Report:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"graphs": self.graphs, "summary": self.summary(), "records": [asdict(r) for r in self.records]}, indent=2)
+        return json.dumps({"graphs": self.graphs, "blocks": self.blocks, "summary": self.summary(), "records": [asdict(r) for r in self.records]}, indent=2)
 
     def to_markdown(self) -> str:
         lines = [f"fxopt match report: {len(self.graphs)} graph(s) compiled", ""]
+        if self.blocks is not None:
+            path, count, cls = self.blocks
+            lines += [f"Regional compilation: the {count} {cls} blocks of `{path}` share one compiled block; "
+                      f"`{path}.*` rows hold for every block.", ""]
         if not self.records:
             lines.append("No pass matched anything and no near-miss was found: the model runs unchanged.")
             return "\n".join(lines)

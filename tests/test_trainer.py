@@ -27,6 +27,6 @@ def test_trainer_trains_optimized_model(tmp_path):
                              use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-2)
     result = Trainer(model=model, args=args, train_dataset=Tokens()).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    assert len({r.location for r in fxopt.report(model).matched("lora")}) == 14
+    assert len({r.location for r in fxopt.report(model).matched("lora")}) == 7  # "layers.*" rows cover both blocks
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(changed) == len(before)  # every adapter weight was trained

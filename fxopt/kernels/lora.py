@@ -17,6 +17,7 @@ Triton's interpreter: that is how CI tests the kernel without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from typing import Optional
@@ -157,8 +158,45 @@ def _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate):
     if accumulate and bias is not None:
         out.add_(bias)
     if t is not None:
+        # The low-rank term lands in a half-precision output: rounding its operands to that precision
+        # first costs about one output rounding (measured within the bf16 tolerance against fp64).
         out.addmm_(t.to(out.dtype), lo.to(out.dtype), alpha=scale)
     return out
+
+
+def _split_bf16(v: Tensor) -> tuple[Tensor, Tensor]:
+    """v (fp32) = hi + lo + O(2^-17 |v|), hi and lo bf16: two bf16 operands carry ~16 bits of v's mantissa."""
+    hi = v.to(torch.bfloat16)
+    return hi, (v - hi.float()).to(torch.bfloat16)  # v - hi is exact in fp32
+
+
+@functools.cache
+def _has_out_dtype_mm(device_index: int) -> bool:
+    """torch.mm(bf16, bf16, out_dtype=float32) (fp32 result of a bf16 tensor-core GEMM) is newer than some
+    torch releases we run on: probe once per device."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=f"cuda:{device_index}")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b in the adapter's dtype, where one operand is an activation (bf16 base model) and the other an
+    adapter-sized fp32 tensor (A, B, t = x A^T, u = dY B). PEFT computes this in fp32 after casting the
+    activation to fp32, i.e. an fp32 (FFMA, no tensor core) GEMM plus a full fp32 copy of the activation.
+    On CUDA we split the small fp32 operand into bf16 hi + lo and run ONE bf16 tensor-core GEMM with an fp32
+    result (the activation is exact in bf16): same values to ~2^-17 relative, no copy of the activation."""
+    small_fp32 = {a.dtype, b.dtype} == {torch.bfloat16, torch.float32}
+    if a.is_cuda and dtype == torch.float32 and small_fp32 and _has_out_dtype_mm(a.device.index or 0):
+        if a.dtype == torch.float32:
+            hi, lo = _split_bf16(a)
+            r = torch.mm(torch.cat([hi, lo], 0), b, out_dtype=torch.float32)
+            return r[:a.shape[0]] + r[a.shape[0]:]
+        hi, lo = _split_bf16(b)
+        r = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
+        return r[:, :b.shape[1]] + r[:, b.shape[1]:]
+    return a.to(dtype) @ b.to(dtype)
 
 
 def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
@@ -214,8 +252,9 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _adapter_input(x2, x_lora, dtype):
-    return (x2 if x_lora is None else _flat(x_lora)).to(dtype)
+def _adapter_input(x2, x_lora):
+    """The adapter's input, uncast: _adapter_mm casts (or avoids casting) it."""
+    return x2 if x_lora is None else _flat(x_lora)
 
 
 def _per_adapter_bias(biases, has_bias):
@@ -228,7 +267,7 @@ def _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
     x2 = _flat(x)
     adt = lora_as[0].dtype
     a_cat = torch.cat([a.to(adt) for a in lora_as]) if len(lora_as) > 1 else lora_as[0]
-    t = _adapter_input(x2, x_lora, adt) @ a_cat.t()  # [M, sum R_i]: one GEMM for every adapter
+    t = _adapter_mm(_adapter_input(x2, x_lora), a_cat.t(), adt)  # [M, sum R_i]: one GEMM for every adapter
     outs, r0 = [], 0
     for w, b, a, bm, s in zip(weights, biases, lora_as, lora_bs, scalings):
         r = a.shape[0]
@@ -267,10 +306,10 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     """Returns [dx?] + [dx_lora?] + [dW_i where need_dw[i]] + [db_i where need_db[i]] + [dA_i] + [dB_i]."""
     x2 = _flat(x)
     adt = lora_as[0].dtype
-    xl = _adapter_input(x2, x_lora, adt)
+    xl = _adapter_input(x2, x_lora)
     dys = [g.reshape(-1, g.shape[-1]) for g in grads]
-    dys_a = [dy.to(adt) for dy in dys]  # the adapter's gradients are computed in its dtype, as PEFT does
-    us = [dy @ bm.to(adt) for dy, bm in zip(dys_a, lora_bs)]
+    # the adapter's gradients are computed in its dtype, as PEFT does (see _adapter_mm)
+    us = [_adapter_mm(dy, bm, adt) for dy, bm in zip(dys, lora_bs)]
     result = []
     if need_dx:
         dx = _new_output(x2.shape, x.dtype, x.device)
@@ -279,16 +318,16 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
             _fused_matmul(dy, w, low[0], low[1], s, None, dx, accumulate=i > 0)
         result.append(dx.view(x.shape))
     if x_lora is not None:
-        dxl = sum(s * (u @ a.to(adt)) for u, a, s in zip(us, lora_as, scalings))
+        dxl = sum(s * _adapter_mm(u, a, adt) for u, a, s in zip(us, lora_as, scalings))
         result.append(dxl.to(x_lora.dtype).view(x_lora.shape))
     result += [dy.t() @ x2 for dy, nw in zip(dys, need_dw) if nw]
     result += [dy.sum(0) for dy, nb in zip(dys, need_db) if nb]
     r0 = 0
     d_as, d_bs = [], []
-    for dy, u, a, s in zip(dys_a, us, lora_as, scalings):
+    for dy, u, a, s in zip(dys, us, lora_as, scalings):
         r = a.shape[0]
-        d_as.append((s * (u.t() @ xl)).to(a.dtype))
-        d_bs.append((s * (dy.t() @ t[:, r0:r0 + r])).to(a.dtype))
+        d_as.append((s * _adapter_mm(u.t(), xl, adt)).to(a.dtype))
+        d_bs.append((s * _adapter_mm(dy.t(), t[:, r0:r0 + r], adt)).to(a.dtype))
         r0 += r
     return result + d_as + d_bs
 

@@ -141,3 +141,23 @@ def test_bf16_gpu(adapter, dims):
 def test_fp32_fp16_gpu():
     for dtype in (torch.float32, torch.float16):
         run_case((129,), 300, [200, 64], [16, 8], dtype, torch.float32, True, True, True, True, 1, device="cuda")
+
+
+@pytest.mark.gpu
+def test_fp32_adapter_keeps_fp32_accuracy_gpu():
+    """fp32 adapters over a bf16 base: the adapter terms run on bf16 tensor cores through a hi/lo split
+    (_adapter_mm), which must stay near fp32 accuracy, far inside the bf16 tolerance: dA and dB come from
+    bf16-exact x and dY, so their fp64 values are known to fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 2048, generator=g).cuda().bfloat16()
+    w = (torch.randn(1024, 2048, generator=g) * 2048**-0.5).cuda().bfloat16()
+    a = (torch.randn(16, 2048, generator=g) * 2048**-0.5).cuda().requires_grad_()
+    b = (torch.randn(1024, 16, generator=g) * 0.25).cuda().requires_grad_()
+    dy = torch.randn(4096, 1024, generator=g).cuda().bfloat16()
+    out = lora_linear_fn(x, [w], [None], [a], [b], [2.0])[0]
+    da, db = torch.autograd.grad(out, [a, b], dy)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = reference(x.double(), [w.double()], [None], [a64], [b64], [2.0])[0]
+    da64, db64 = torch.autograd.grad(ref, [a64, b64], dy.double())
+    assert rel(da, da64) < 1e-4 and rel(db, db64) < 1e-4
+    assert rel(out, ref) < 1e-2

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# How the GPU numbers are taken (on the device machine, from the repo root, with the wheels of
+# ../shared/tools/device-wheels.sh carried in .whl/). Usage: bash benchmarks/device_run.sh STAGE...
+#   tests   the GPU tests (pytest -m gpu)          kernels  the kernel microbenchmarks
+#   dense   train_step.py on the dense workload for every setup, profile of one step each
+# Everything is written under $OUT (or benchmarks/results when OUT is unset).
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
+for stage in "$@"; do
+  case $stage in
+    tests) python3 -m pytest -m gpu -q -s -p no:cacheprovider -p no:logging --tb=short tests 2>&1 | grep -v "^DEBUG" | tail -150 > "$OUT/gpu-tests.txt" ;;
+    kernels) for b in benchmarks/bench_*.py; do python3 "$b" --out "$OUT" 2>&1 | tail -40 > "$OUT/$(basename "$b" .py).txt"; done ;;
+    dense) python3 benchmarks/train_step.py --workloads dense --setups "${SETUPS:-eager,compile,liger,fxopt}" \
+             --out "$OUT" --profile "$OUT/profiles" --timeout 400 2>&1 | tail -30 > "$OUT/train-dense.txt" ;;
+    *) echo "unknown stage $stage" >&2 ;;
+  esac
+done
