@@ -10,7 +10,7 @@ import functools
 import itertools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class PassContext:
     graph_name: str
     tensor_names: dict  # placeholder node -> the model's name of the parameter it was called with
     prefix: str = ""
+    config: OptimizeConfig = field(default_factory=OptimizeConfig)
 
     def locate(self, node, fallback: str = "") -> str:
         """Where a parameter node lives in the model, e.g. "model.layers.0.self_attn.q_proj" (report only)."""
@@ -44,7 +45,10 @@ def _inner(name: str, cudagraphs: bool = False):
         from torch._inductor.compile_fx import compile_fx
 
         if cudagraphs:
-            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
+            # skip_dynamic_graphs: a graph with symbolic sizes would record one CUDA graph (and memory pool)
+            # per size it meets; it runs as plain kernels instead.
+            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True,
+                                                                 "triton.cudagraph_skip_dynamic_graphs": True})
         return compile_fx
     return torch._dynamo.lookup_backend(name)
 
@@ -71,14 +75,18 @@ def run_passes(gm: torch.fx.GraphModule, config: OptimizeConfig, ctx: PassContex
             continue
         snapshot = torch.fx.Graph()
         snapshot._codegen = copy.deepcopy(gm.graph._codegen)
-        snapshot.output(snapshot.graph_copy(gm.graph, {}))
+        env = {}
+        snapshot.output(snapshot.graph_copy(gm.graph, env))
+        for old_node, new_node in env.items():  # AOTAutograd reads where each input came from off the node
+            if hasattr(old_node, "_dynamo_source"):
+                new_node._dynamo_source = old_node._dynamo_source
         try:
             records += p.run(gm, ctx)
         except Exception as e:  # fall back to the graph before this pass
             gm.graph = snapshot
             gm.recompile()
             warnings.warn(f"fxopt: pass {p.NAME!r} failed on {ctx.graph_name} and was skipped: {e!r}")
-            records.append(MatchRecord(p.NAME, "<graph>", "rejected", f"pass error, graph left unchanged: {e!r}", ctx.graph_name))
+            records.append(MatchRecord(p.NAME, "<graph>", "rejected", f"pass error, graph left unchanged: {e!r}"[:400], ctx.graph_name))
     return records
 
 
@@ -95,7 +103,8 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
     def fxopt_compile(gm: torch.fx.GraphModule, example_inputs):
         graph_name = f"graph_{next(_graph_ids)}"
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        ctx = PassContext(graph_name, {n: names.get(id(t)) for n, t in zip(placeholders, example_inputs)})
+        ctx = PassContext(graph_name, {n: names.get(id(t)) for n, t in zip(placeholders, example_inputs)},
+                          config=config)
         dump_dir = config.dump_dir or os.environ.get("FXOPT_DUMP")
         before = gm.code if dump_dir else ""
         records = run_passes(gm, config, ctx)
@@ -108,7 +117,8 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             sub.graphs.append(graph_name)
             sub.add(records)
             print(sub.to_markdown())
-        return _inner(config.inner_backend, config.cudagraphs)(gm, example_inputs)
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        return _inner(config.inner_backend, config.cudagraphs and cuda)(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile

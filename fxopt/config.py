@@ -20,10 +20,17 @@ class OptimizeConfig:
                    False compiles the whole model as one region.
     dynamic:       passed to torch.compile (None: Dynamo decides, marking sizes dynamic after a change).
     verbose:       print the match report of each graph as it is compiled.
-    cudagraphs:    replay each compiled region as a CUDA graph (Inductor's CUDA graph trees): removes the
-                   CPU cost of launching kernels, which bounds a step once the GPU work is fused. A tensor a
-                   step returns (the loss) is overwritten by the next step: read or clone it before then.
-                   Inductor only, CUDA only (ignored elsewhere).
+    keep_logits:   in a training forward (gradients on) whose loss fxopt fuses with the lm_head, the model
+                   would also return the full [batch, seq, vocab] logits; computing them costs the memory the
+                   fusion saves, so by default they are not: `outputs.logits` is an empty [batch, 0, vocab]
+                   tensor there (eval/no_grad forwards return real logits). True keeps them (and the loss
+                   is then left unfused).
+    cudagraphs:    replay each compiled region as a CUDA graph (Inductor's CUDA graph trees), default on:
+                   it removes the CPU cost of launching kernels, which bounds a step once the GPU work is
+                   fused (dense workload, H100: 60.9k vs 51.7k tokens/s). Graphs with dynamic shapes (a
+                   sequence length that varies) run without it rather than record one graph per length.
+                   A tensor a step returns (the loss) is overwritten by the next step: torch raises if you
+                   read it after that, so read or clone it first. CUDA + Inductor only (ignored elsewhere).
     """
 
     disable: tuple[str, ...] = field(default_factory=tuple)
@@ -32,7 +39,8 @@ class OptimizeConfig:
     regional: bool = True
     dynamic: bool | None = None
     verbose: bool = False
-    cudagraphs: bool = False
+    keep_logits: bool = False
+    cudagraphs: bool = True
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -50,7 +58,7 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig.inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str,)) and not hasattr(self.dump_dir, "__fspath__"):
             raise TypeError(f"OptimizeConfig.dump_dir must be a path or None, got {type(self.dump_dir).__name__}")
-        for name in ("regional", "verbose", "cudagraphs"):
+        for name in ("regional", "verbose", "cudagraphs", "keep_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"OptimizeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
