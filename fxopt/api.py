@@ -54,7 +54,8 @@ def report(model: nn.Module) -> Report:
 
 
 def explain(model: nn.Module, config: OptimizeConfig | None = None, *, verbose: bool = True, **example_batch) -> Report:
-    """Run one forward of `model` on `example_batch` through fxopt's passes, without training, and return
+    """Run one forward of `model` on `example_batch` through fxopt's passes (gradients on, no backward, no
+    optimizer step), and return
     (and print) the match report: what matched, where, and why each near-miss was rejected.
 
     An optimized model is run as it is; any other model is traced whole with the passes and the cheap
@@ -63,7 +64,9 @@ def explain(model: nn.Module, config: OptimizeConfig | None = None, *, verbose: 
     if not example_batch:
         raise TypeError("fxopt.explain: pass an example batch as keywords, e.g. explain(model, input_ids=ids)")
     rep = getattr(model, "_fxopt_report", None)
-    with torch.no_grad():
+    # Gradients on, as in training: the graph (and so the report) is the one a training step compiles
+    # (an eval forward is another graph: e.g. the fused loss keeps real logits there and is not matched).
+    with torch.enable_grad():
         if rep is not None:
             model(**example_batch)
         else:

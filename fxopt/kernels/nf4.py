@@ -1,0 +1,735 @@
+"""fxopt::linear_4bit and fxopt::lora_linear_4bit: a linear layer over a bitsandbytes 4-bit (nf4 / fp4) weight,
+dequantized inside the GEMM, optionally with a LoRA adapter in the same accumulator.
+
+    y = x @ W^T (+ bias)                                   fxopt::linear_4bit
+    y = x @ W^T (+ bias) + s * (x_l @ A^T) @ B^T           fxopt::lora_linear_4bit   x_l = x_lora (dropout(x)) or x
+    W = dequant(qweight): never materialised on the Triton path
+
+The weight format is bitsandbytes' (checked against bnb's own quantize_4bit / dequantize_4bit in
+tests/kernels/test_nf4.py, never assumed): the [N, K] weight is flattened row-major, element e sits in byte
+e // 2 of the packed uint8 tensor, in the high nibble for even e and the low nibble for odd e (an odd N*K leaves
+the last low nibble as padding); its 4-bit code indexes a 16-entry fp32 table (nf4 or fp4) and is multiplied
+by absmax[e // blocksize], one fp32 scale per block of `blocksize` consecutive flat elements (blocks may run
+over a row's end when K is not a multiple of blocksize). With double quantization (bnb's compress_statistics)
+absmax is itself uint8 and its value is code2[absmax[b]] * absmax2[b // 256] + offset (fp32). Any other
+quant_storage dtype is read as its bytes.
+
+Triton path (CUDA, or the interpreter on CPU): each K-step of the GEMM loads the packed bytes of a weight tile
+once, splits every byte into its (even k, odd k) pair of codes, looks them up in the table, scales them (one
+scale per row of the tile when the blocks line up with the tile, else per element) and feeds two tl.dot calls:
+the x tile is de-interleaved into its even and odd columns to match. fp32 accumulation; the low-rank term and
+the bias go into the same accumulator; output in x's dtype. Backward (the weight is frozen, no dW):
+dX = dY @ W by a second kernel with the same in-loop dequantization (two accumulators for the even and odd
+output columns, interleaved at the store), plus s * (dY @ B) @ A in the same accumulators for the LoRA form;
+dA = s (dY B)^T x_l, dB = s dY^T t by torch. Saved for backward: x_l (x without dropout) and t = x_l A^T.
+For M <= GEMV_MAX_M rows (decoding) a GEMV-style kernel reads each packed byte once and applies each block's
+scale to the partial sums instead of to every weight.
+
+CPU without the interpreter: `dequantize` (a per-call transient copy) and torch matmuls, the same math as
+`reference`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
+    triton = None
+
+# The two 16-entry tables, as bitsandbytes defines them (tests check they are equal to bnb's get_4bit_type).
+# nf4: quantiles of N(0, 1) scaled to [-1, 1]; fp4: 1 sign bit, 2 exponent bits, 1 mantissa bit, in bit-pattern
+# order, divided by the largest magnitude 12.
+_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+        1.0]
+_FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
+ABSMAX2_BLOCK = 256  # bnb quantizes the absmax blockwise in blocks of 256 under double quantization
+
+# Inputs of at most this many rows take the GEMV-style kernel (tests lower it to reach the GEMM with small M).
+GEMV_MAX_M = 16
+
+_INTERPRETED = False
+_code_cache: dict = {}
+
+
+def code_table(quant_type: str, device) -> Tensor:
+    """The fp32 [16] lookup table of quant_type ("nf4" or "fp4") on device (cached)."""
+    key = (quant_type, str(device))
+    if key not in _code_cache:
+        if quant_type == "nf4":
+            t = torch.tensor(_NF4, dtype=torch.float32)
+        elif quant_type == "fp4":
+            t = torch.tensor(_FP4, dtype=torch.float32) / 12.0
+        else:
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        _code_cache[key] = t.to(device)
+    return _code_cache[key]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, blk, mask, DOUBLE_QUANT: tl.constexpr):
+        """fp32 scale of the quantization blocks `blk` (any shape); 0 (or offset) where masked."""
+        if DOUBLE_QUANT:
+            a8 = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
+            s = tl.load(CODE2 + a8).to(tl.float32) * tl.load(ABSMAX2 + blk // 256, mask=mask, other=0).to(tl.float32)
+            s = s + tl.load(OFFSET).to(tl.float32)
+        else:
+            s = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.float32)
+        return s
+
+    @triton.jit
+    def _codes(P, CODE, n, j, k0, K, PAIRED: tl.constexpr, MASKED: tl.constexpr):
+        """Table values (fp32, unscaled) of W[n, k0 + 2j] and W[n, k0 + 2j + 1] for broadcastable index tensors
+        n (int64 rows) and j (column pairs); past K they are finite garbage that the caller's zeros cancel.
+        Also returns the element index of the first of each pair. MASKED off: the caller knows every pair is
+        inside K (unmasked byte loads vectorize)."""
+        k_e = k0 + 2 * j
+        e = n * K + k_e
+        if PAIRED:
+            # K even: a row starts on a byte and each (even k, odd k) pair is one byte, even k in the high nibble
+            kb = k0 // 2 + j
+            if MASKED:
+                b = tl.load(P + n * (K // 2) + kb, mask=kb < K // 2, other=0).to(tl.int32)
+            else:
+                b = tl.load(P + n * (K // 2) + kb).to(tl.int32)
+            c_e = tl.load(CODE + (b >> 4))
+            c_o = tl.load(CODE + (b & 15))
+        else:
+            # K odd: a pair may straddle two bytes; an even flat index is a high nibble, an odd one a low nibble
+            b_e = tl.load(P + e // 2, mask=k_e < K, other=0).to(tl.int32)
+            b_o = tl.load(P + (e + 1) // 2, mask=k_e + 1 < K, other=0).to(tl.int32)
+            c_e = tl.load(CODE + ((b_e >> (4 - 4 * (e % 2))) & 15))
+            c_o = tl.load(CODE + ((b_o >> (4 * (e % 2))) & 15))
+        return c_e, c_o, e
+
+    @triton.jit
+    def _dequant_pair(P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, n, j, k0, K, BS: tl.constexpr,
+                      PAIRED: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+        """fp32 W[n, k0 + 2j] and W[n, k0 + 2j + 1] (see _codes). ALIGNED: blocks never cross a row end and the
+        tile [k0, k0 + 2 * len(j)) lies in one block, so each row needs one scale."""
+        if ALIGNED:  # then K % BLOCK_K == 0: every pair of the tile is inside K
+            c_e, c_o, e = _codes(P, CODE, n, j, k0, K, PAIRED, False)
+            s_e = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, n * (K // BS) + k0 // BS, n >= 0, DOUBLE_QUANT)
+            s_o = s_e
+        else:
+            c_e, c_o, e = _codes(P, CODE, n, j, k0, K, PAIRED, True)
+            k_e = k0 + 2 * j
+            s_e = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, e // BS, k_e < K, DOUBLE_QUANT)
+            if PAIRED:  # e even, blocksize even: e and e + 1 are in one block
+                s_o = s_e
+            else:
+                s_o = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, (e + 1) // BS, k_e + 1 < K, DOUBLE_QUANT)
+        return c_e * s_e, c_o * s_o
+
+    @triton.jit
+    def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # GROUP_M row-blocks share their column-blocks of the weight while they sit in L2
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % group) % rows, (pid % group) // rows
+
+    @triton.jit
+    def _fwd_kernel(
+        X, P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, T, L, BIAS, OUT,
+        M, N, K, R, M_BUCKET,
+        stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on,
+        scale,
+        BS: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """OUT[M, N] = X[M, K] @ dequant(P)[N, K]^T + scale * T[M, R] @ L[R, N] + BIAS[N]; fp32 accumulator."""
+        pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows/columns past the edge wrap onto valid ones (modulo) instead of being masked; the masked store
+        # drops them. int64: M * stride and N * K exceed 2^31 for large inputs.
+        load_m = (offs_m % M).to(tl.int64)
+        load_n = (offs_n % N).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        jj = tl.arange(0, BLOCK_K // 2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kx = k0 + rk
+            x = tl.load(X + load_m[:, None] * stride_xm + kx[None, :] * stride_xk, mask=kx[None, :] < K, other=0.0)
+            # even and odd columns of x meet the high and low nibbles of the weight's bytes
+            x_e, x_o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            w_e, w_o = _dequant_pair(P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, load_n[None, :], jj[:, None], k0, K,
+                                     BS, PAIRED, ALIGNED, DOUBLE_QUANT)
+            acc = tl.dot(x_e, w_e.to(x.dtype), acc, input_precision=PRECISION)
+            acc = tl.dot(x_o, w_o.to(x.dtype), acc, input_precision=PRECISION)
+
+        if HAS_LORA:
+            # as in fxopt/kernels/lora.py: the scale folded into the T tile, the product in the same accumulator
+            rr = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                mr = (r0 + rr) < R
+                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
+                            other=0.0)
+                t = (t.to(tl.float32) * scale).to(t.dtype)
+                lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
+                             other=0.0)
+                acc = tl.dot(t, lo, acc, input_precision=PRECISION)
+
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+    @triton.jit
+    def _dx_kernel(
+        DY, P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, U, A, DX,
+        M, N, K, R, M_BUCKET,
+        stride_ym, stride_yn, stride_um, stride_ur, stride_ar, stride_ak, stride_dm, stride_dk,
+        scale,
+        BS: tl.constexpr, PAIRED: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """DX[M, K] = DY[M, N] @ dequant(P)[N, K] + scale * U[M, R] @ A[R, K]; fp32 accumulators.
+        The output tile's even and odd columns are accumulated apart (each byte holds one of each) and
+        interleaved at the store."""
+        pid_m, pid_k = _grouped_pid(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        load_m = (offs_m % M).to(tl.int64)
+        k0 = pid_k * BLOCK_K
+        jj = tl.arange(0, BLOCK_K // 2)
+        rn = tl.arange(0, BLOCK_N)
+        acc_e = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + rn
+            # the reduction runs over N: rows of dY past N are zeros (the weight rows there wrap onto valid ones)
+            dy = tl.load(DY + load_m[:, None] * stride_ym + nn[None, :] * stride_yn, mask=nn[None, :] < N, other=0.0)
+            w_e, w_o = _dequant_pair(P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, (nn % N).to(tl.int64)[:, None],
+                                     jj[None, :], k0, K, BS, PAIRED, ALIGNED, DOUBLE_QUANT)
+            acc_e = tl.dot(dy, w_e.to(dy.dtype), acc_e, input_precision=PRECISION)
+            acc_o = tl.dot(dy, w_o.to(dy.dtype), acc_o, input_precision=PRECISION)
+
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            k_e = k0 + 2 * jj
+            for r0 in range(0, R, BLOCK_R):
+                mr = (r0 + rr) < R
+                u = tl.load(U + load_m[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur, mask=mr[None, :],
+                            other=0.0)
+                u = (u.to(tl.float32) * scale).to(u.dtype)
+                a_ptrs = A + (r0 + rr)[:, None] * stride_ar + k_e[None, :] * stride_ak
+                a_e = tl.load(a_ptrs, mask=mr[:, None] & (k_e[None, :] < K), other=0.0)
+                a_o = tl.load(a_ptrs + stride_ak, mask=mr[:, None] & (k_e[None, :] + 1 < K), other=0.0)
+                acc_e = tl.dot(u, a_e, acc_e, input_precision=PRECISION)
+                acc_o = tl.dot(u, a_o, acc_o, input_precision=PRECISION)
+
+        acc = tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M, BLOCK_K))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = DX + offs_m[:, None].to(tl.int64) * stride_dm + offs_k[None, :] * stride_dk
+        tl.store(ptrs, acc.to(DX.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+    @triton.jit
+    def _gemv_kernel(
+        X, P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, T, L, BIAS, OUT,
+        M, N, K, R,
+        stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on,
+        scale,
+        BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+        USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SUB_K: tl.constexpr, MASK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """OUT[M, N] = X[M, K] @ dequant(P)^T + scale * T @ L + BIAS for M <= BLOCK_M <= 16 and K % BS == 0.
+        Each program owns BLOCK_N rows of the weight and reads their bytes once, SUB_K columns (inside one
+        quantization block) at a time: the block's scale multiplies the [M, BLOCK_N] partial sum, not each
+        weight. BLOCK_K // SUB_K sub-steps are unrolled so that their loads are in flight together. USE_DOT:
+        tensor cores (M padded to 16; the table values are rounded to x's dtype and scaled in fp32 after the
+        dot, an error of the size of the GEMM path's rounding of the weights); else a broadcast multiply-sum
+        in fp32 on the CUDA cores (few rows)."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        load_n = (offs_n % N).to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        load_m = (rm % M).to(tl.int64)
+        jj = tl.arange(0, SUB_K // 2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            for i in tl.static_range(BLOCK_K // SUB_K):
+                ks = k0 + i * SUB_K  # K % SUB_K == 0: a sub-step is wholly inside K or wholly past it
+                k_e = ks + 2 * jj
+                x_ptrs = X + load_m[:, None] * stride_xm + k_e[None, :] * stride_xk
+                x_e = tl.load(x_ptrs, mask=k_e[None, :] < K, other=0.0)
+                x_o = tl.load(x_ptrs + stride_xk, mask=k_e[None, :] < K, other=0.0)
+                # [SUB_K / 2, BLOCK_N]; past K only in a last, partial K-step
+                c_e, c_o, e = _codes(P, CODE, load_n[None, :], jj[:, None], ks, K, True, MASK_K)
+                if USE_DOT:
+                    part = tl.dot(x_e, c_e.to(x_e.dtype), input_precision=PRECISION)
+                    part = tl.dot(x_o, c_o.to(x_o.dtype), part, input_precision=PRECISION)
+                else:
+                    part = tl.sum(x_e.to(tl.float32)[:, :, None] * c_e[None, :, :], axis=1)
+                    part += tl.sum(x_o.to(tl.float32)[:, :, None] * c_o[None, :, :], axis=1)
+                s = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, load_n * (K // BS) + ks // BS,
+                                 load_n * 0 + ks < K, DOUBLE_QUANT)
+                acc += part * s[None, :]
+
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                mr = (r0 + rr) < R
+                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
+                            other=0.0)
+                lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
+                             other=0.0)
+                if USE_DOT:
+                    acc = tl.dot((t.to(tl.float32) * scale).to(t.dtype), lo, acc, input_precision=PRECISION)
+                else:
+                    acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo.to(tl.float32)[None, :, :], axis=1)
+
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
+
+    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
+    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
+    _INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+    # ALIGNED (one scale per weight row per K-step) depends on the tile width the autotuner picks.
+    def _aligned(args):
+        return args["K"] % args["BS"] == 0 and args["BS"] % args["BLOCK_K"] == 0
+
+    _fwd = triton.heuristics({"ALIGNED": _aligned})(_fwd_kernel)
+    _dx = triton.heuristics({"ALIGNED": _aligned})(_dx_kernel)
+    # MASK_K: the last K-step of the GEMV is partial (its sub-steps past K load nothing)
+    _gemv = triton.heuristics({"MASK_K": lambda args: args["K"] % args["BLOCK_K"] != 0})(_gemv_kernel)
+
+    # Hopper-sized tiles. The in-loop dequantization costs per weight element, the tensor-core work per weight
+    # element times BLOCK_M: tall tiles amortise it. M, the token count, is symbolic in the compiled graph and
+    # varies: tune on a power-of-two bucket of it. BLOCK_K 64 keeps the default blocksize 64 ALIGNED; the
+    # 128-wide tiles take the per-element scales.
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 128, 8, 3),
+        ]
+    ]
+    _DX_CONFIGS = [  # BLOCK_K is the output tile's width here, BLOCK_N the reduction step
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bk, bn, w, s in [
+            (128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (128, 128, 128, 8, 3),
+        ]
+    ]
+    _GEMV_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3),
+            (64, 512, 8, 3), (128, 256, 8, 3), (32, 1024, 8, 2),
+        ]
+    ]
+    _fwd_tuned = _dx_tuned = _gemv_tuned = None
+    if not _INTERPRETED:
+        _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["N", "K", "M_BUCKET", "BS"])(_fwd)
+        _dx_tuned = triton.autotune(configs=_DX_CONFIGS, key=["N", "K", "M_BUCKET", "BS"])(_dx)
+        _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "M", "BS"])(_gemv)
+
+
+class _Quant(NamedTuple):
+    """The packed weight as flat bytes and its quantization state, checked."""
+    data: Tensor  # uint8 [>= ceil(n*k/2)]
+    code: Tensor  # fp32 [16]
+    absmax: Tensor  # fp32 [blocks], or uint8 under double quantization
+    absmax2: Optional[Tensor]  # fp32 [ceil(blocks / 256)]
+    code2: Optional[Tensor]  # fp32 [256]
+    offset: Optional[Tensor]  # fp32 scalar
+    n: int
+    k: int
+    blocksize: int
+
+    @property
+    def double(self) -> bool:
+        return self.absmax2 is not None
+
+
+def _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type) -> _Quant:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if code is None:
+        code = code_table(quant_type, qweight.device)
+    elif code.numel() != 16:
+        raise ValueError(f"code must have 16 entries, got {code.numel()}")
+    double = [t is not None for t in (absmax2, code2, offset)]
+    if any(double) and not all(double):
+        raise ValueError("double quantization needs absmax2, code2 and offset together")
+    data = qweight.contiguous().reshape(-1).view(torch.uint8)
+    blocks = -(-n * k // blocksize)
+    if data.numel() < (n * k + 1) // 2 or absmax.numel() != blocks:
+        raise ValueError(f"packed weight of {data.numel()} bytes / absmax of {absmax.numel()} entries do not fit "
+                         f"a [{n}, {k}] weight in blocks of {blocksize}")
+    if all(double) and absmax2.numel() != -(-blocks // ABSMAX2_BLOCK):
+        raise ValueError(f"absmax2 has {absmax2.numel()} entries for {blocks} blocks")
+    return _Quant(data, code.float().contiguous(), absmax.reshape(-1).contiguous(),
+                  None if absmax2 is None else absmax2.reshape(-1).float().contiguous(),
+                  None if code2 is None else code2.float().contiguous(),
+                  None if offset is None else offset.reshape(()).float(), n, k, blocksize)
+
+
+def _block_scales(q: _Quant) -> Tensor:
+    """fp32 absmax per block (double quantization undone)."""
+    if not q.double:
+        return q.absmax.float()
+    a2 = q.absmax2.repeat_interleave(ABSMAX2_BLOCK)[: q.absmax.numel()]
+    return q.code2[q.absmax.long()] * a2 + q.offset
+
+
+def _dequantize(q: _Quant, dtype) -> Tensor:
+    nk = q.n * q.k
+    data = q.data[: (nk + 1) // 2]
+    codes = torch.stack([data >> 4, data & 15], dim=-1).reshape(-1)[:nk].long()  # high nibble first
+    scales = _block_scales(q).repeat_interleave(q.blocksize)[:nk]
+    return (q.code[codes] * scales).reshape(q.n, q.k).to(dtype)
+
+
+def dequantize(qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+               offset: Optional[Tensor], code: Optional[Tensor], n: int, k: int, blocksize: int, quant_type: str,
+               dtype=torch.float32) -> Tensor:
+    """The [n, k] weight in dtype, in plain PyTorch: fp32 table value * fp32 block scale, rounded once to dtype
+    (what bnb's dequantize_4bit computes)."""
+    return _dequantize(_quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type), dtype)
+
+
+def quant_args(qweight: Tensor, quant_state) -> tuple:
+    """(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type) from a bnb QuantState (read
+    by attribute, bitsandbytes is not imported): the tensor and plain arguments the ops take after x."""
+    nested = getattr(quant_state, "state2", None) is not None
+    s2 = quant_state.state2 if nested else None
+    if nested and s2.blocksize != ABSMAX2_BLOCK:
+        raise ValueError(f"double quantization with state2.blocksize {s2.blocksize} (expected {ABSMAX2_BLOCK})")
+    n, k = (int(d) for d in quant_state.shape)
+    return (qweight, quant_state.absmax, s2.absmax if nested else None, s2.code if nested else None,
+            quant_state.offset if nested else None, quant_state.code, n, k, int(quant_state.blocksize),
+            quant_state.quant_type)
+
+
+def _use_triton(*tensors) -> bool:
+    t = tensors[0]
+    if triton is None:
+        return False
+    if t.is_cuda:
+        return True
+    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the CPU
+    # takes the torch math, and the bf16 kernel is tested on the GPU.
+    return (_INTERPRETED and t.device.type == "cpu"
+            and all(u is None or u.dtype != torch.bfloat16 for u in tensors))
+
+
+def _new_output(shape, dtype, device) -> Tensor:
+    """Every buffer the kernels write is allocated here (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _quant_ptrs(q: _Quant):
+    # the double-quantization pointers are never read without it: any tensor will do
+    return (q.data, q.code, q.absmax, q.absmax2 if q.double else q.absmax, q.code2 if q.double else q.code,
+            q.offset if q.double else q.code)
+
+
+def _block_r(r):
+    return 16 if r <= 16 else (32 if r <= 32 else 64)
+
+
+def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
+            bias: Optional[Tensor]) -> Tensor:
+    """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in x.dtype (lo any strides)."""
+    M, K = x.shape
+    N = q.n
+    out = _new_output((M, N), x.dtype, x.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out.dtype).expand_as(out))
+    if not _use_triton(x, t):
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        acc = x.to(acc_dtype) @ _dequantize(q, x.dtype).to(acc_dtype).t()  # a per-call transient copy
+        if t is not None:
+            acc += scale * (t @ lo).to(acc_dtype)
+        if bias is not None:
+            acc += bias.to(acc_dtype)
+        return out.copy_(acc)
+
+    has_lora = t is not None and t.shape[1] > 0
+    R = t.shape[1] if has_lora else 0
+    if not has_lora:  # the pointers are never read: any tensor will do
+        t, lo = x, x
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else out
+    # An fp32 result gets exact fp32 products (tl.dot on fp32 would use tf32 on the GPU); for a half
+    # precision result, fp32 adapter operands in tf32 are within that result's rounding.
+    precision = "ieee" if out.dtype == torch.float32 else "tf32"
+    ptrs = _quant_ptrs(q)
+    strides = (x.stride(0), x.stride(1), t.stride(0), t.stride(1), lo.stride(0), lo.stride(1),
+               out.stride(0), out.stride(1), float(scale))
+    flags = dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias, PRECISION=precision,
+                 BLOCK_R=_block_r(R))
+    if M <= GEMV_MAX_M and K % q.blocksize == 0:
+        bm = triton.next_power_of_2(M)
+        use_dot = M > 4  # more rows than that: the CUDA cores' multiply-sum would be compute-bound
+        bm = 16 if use_dot else bm
+        sub_k = min(q.blocksize, 64)
+        args = (x, *ptrs, t, lo, bias, out, M, N, K, R, *strides)
+        if _INTERPRETED:
+            _gemv[(triton.cdiv(N, 16),)](*args, **flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm,
+                                                  BLOCK_N=16, BLOCK_K=2 * sub_k)
+        else:
+            with torch.cuda.device(x.device):
+                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+                    *args, **flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm)
+        return out
+
+    args = (x, *ptrs, t, lo, bias, out, M, N, K, R, min(triton.next_power_of_2(M), 8192), *strides)
+    flags["PAIRED"] = K % 2 == 0
+    if _INTERPRETED:
+        # one small config: the interpreter is slow and autotuning it is pointless
+        bm, bn = 16, 32
+        _fwd[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32,
+                                                         GROUP_M=2)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        with torch.cuda.device(x.device):
+            _fwd_tuned[grid](*args, **flags)
+    return out
+
+
+def _matmul_dx(dy: Tensor, q: _Quant, u: Optional[Tensor], a: Optional[Tensor], scale: float) -> Tensor:
+    """dy [M, N] @ dequant(q) + scale * u [M, R] @ a [R, K] -> [M, K] in dy.dtype."""
+    M, N = dy.shape
+    K = q.k
+    dx = _new_output((M, K), dy.dtype, dy.device)
+    if M == 0 or K == 0:
+        return dx
+    if not _use_triton(dy, u):
+        acc_dtype = torch.promote_types(dy.dtype, torch.float32)
+        acc = dy.to(acc_dtype) @ _dequantize(q, dy.dtype).to(acc_dtype)
+        if u is not None:
+            acc += scale * (u @ a).to(acc_dtype)
+        return dx.copy_(acc)
+
+    has_lora = u is not None and u.shape[1] > 0
+    R = u.shape[1] if has_lora else 0
+    if not has_lora:
+        u, a = dy, dy
+    precision = "ieee" if dx.dtype == torch.float32 else "tf32"
+    args = (dy, *_quant_ptrs(q), u, a, dx, M, N, K, R, min(triton.next_power_of_2(M), 8192),
+            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), a.stride(0), a.stride(1), dx.stride(0),
+            dx.stride(1), float(scale))
+    flags = dict(BS=q.blocksize, PAIRED=K % 2 == 0, DOUBLE_QUANT=q.double, HAS_LORA=has_lora,
+                 PRECISION=precision, BLOCK_R=_block_r(R))
+    if _INTERPRETED:
+        bm, bk = 16, 32
+        _dx[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](*args, **flags, BLOCK_M=bm, BLOCK_N=16, BLOCK_K=bk,
+                                                        GROUP_M=2)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+        with torch.cuda.device(dy.device):
+            _dx_tuned[grid](*args, **flags)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fxopt::linear_4bit
+
+
+@torch.library.custom_op("fxopt::linear_4bit", mutates_args=())
+def linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+                offset: Optional[Tensor], code: Optional[Tensor], bias: Optional[Tensor], n: int, k: int,
+                blocksize: int, quant_type: str) -> Tensor:
+    """x [..., k] @ dequant(qweight)[n, k]^T (+ bias [n]) -> [..., n] in x.dtype. absmax2, code2 and offset are
+    given together under double quantization, else None; code None means quant_type's standard table."""
+    q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    return _matmul(_flat(x), q, None, None, 1.0, bias).view(*x.shape[:-1], n)
+
+
+@linear_4bit.register_fake
+def _(x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, quant_type):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("fxopt::linear_4bit_dx", mutates_args=())
+def linear_4bit_dx(grad: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
+                   code2: Optional[Tensor], offset: Optional[Tensor], code: Optional[Tensor], n: int, k: int,
+                   blocksize: int, quant_type: str) -> Tensor:
+    """grad [..., n] @ dequant(qweight)[n, k] -> [..., k] in grad.dtype (the input gradient of linear_4bit)."""
+    q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    return _matmul_dx(_flat(grad), q, None, None, 1.0).view(*grad.shape[:-1], k)
+
+
+@linear_4bit_dx.register_fake
+def _(grad, qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type):
+    return grad.new_empty(*grad.shape[:-1], k)
+
+
+def _setup_linear(ctx, inputs, output):
+    x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, quant_type = inputs
+    # dX needs only the (frozen) weight and its state: x itself is not saved
+    ctx.save_for_backward(qweight, absmax, absmax2, code2, offset, code)
+    ctx.meta = (n, k, blocksize, quant_type)
+
+
+def _backward_linear(ctx, grad):
+    need = ctx.needs_input_grad
+    dx = db = None
+    if need[0]:
+        dx = torch.ops.fxopt.linear_4bit_dx(grad, *ctx.saved_tensors, *ctx.meta)
+    if need[7]:
+        db = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return dx, None, None, None, None, None, None, db, None, None, None, None
+
+
+linear_4bit.register_autograd(_backward_linear, setup_context=_setup_linear)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fxopt::lora_linear_4bit
+
+
+@torch.library.custom_op("fxopt::lora_linear_4bit", mutates_args=())
+def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+                     offset: Optional[Tensor], code: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor,
+                     lora_b: Tensor, scaling: float, x_lora: Optional[Tensor], n: int, k: int, blocksize: int,
+                     quant_type: str) -> tuple[Tensor, Tensor]:
+    """(out, t): out = x @ dequant(qweight)^T (+ bias) + scaling * (x_l @ lora_a^T) @ lora_b^T in x.dtype, x_l =
+    x_lora (dropout(x)) or x; t = x_l @ lora_a^T [M, r] in the adapter's dtype, returned only to be saved for
+    backward. The adapter branch runs in the adapter's dtype, like PEFT."""
+    q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    x2 = _flat(x)
+    adt = lora_a.dtype
+    t = (x2 if x_lora is None else _flat(x_lora)).to(adt) @ lora_a.t()
+    out = _matmul(x2, q, t, lora_b.to(adt).t(), scaling, bias)
+    return out.view(*x.shape[:-1], n), t
+
+
+@lora_linear_4bit.register_fake
+def _(x, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, x_lora, n, k, blocksize,
+      quant_type):
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    return x.new_empty(*x.shape[:-1], n), x.new_empty(m, lora_a.shape[0], dtype=lora_a.dtype)
+
+
+@torch.library.custom_op("fxopt::lora_linear_4bit_backward", mutates_args=())
+def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Tensor, absmax: Tensor,
+                              absmax2: Optional[Tensor], code2: Optional[Tensor], offset: Optional[Tensor],
+                              code: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float, n: int, k: int,
+                              blocksize: int, quant_type: str, x_dtype: torch.dtype, dropout: bool, need_dx: bool,
+                              need_db: bool) -> list[Tensor]:
+    """[dx?] + [dx_lora? (dropout)] + [db?] + [dA, dB]. x_l is the adapter's input (x_lora, or x without
+    dropout); with dropout dx is the 4-bit path only and dx_lora = s * (dY B) A."""
+    q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    adt = lora_a.dtype
+    dy = _flat(grad).to(x_dtype)  # the base path's gradient runs in the base's dtype
+    dy_a = dy.to(adt)  # the adapter's gradients in the adapter's dtype, as PEFT does
+    u = dy_a @ lora_b.to(adt)  # [M, r]
+    lead = grad.shape[:-1]
+    result = []
+    if need_dx:
+        low = (None, None) if dropout else (u, lora_a.to(adt))
+        result.append(_matmul_dx(dy, q, low[0], low[1], scaling).view(*lead, k))
+    if dropout:
+        result.append((scaling * (u @ lora_a.to(adt))).to(x_l.dtype).view(x_l.shape))
+    if need_db:
+        result.append(dy.sum(0))
+    xl = _flat(x_l).to(adt)
+    result.append((scaling * (u.t() @ xl)).to(lora_a.dtype))
+    result.append((scaling * (dy_a.t() @ t)).to(lora_b.dtype))
+    return result
+
+
+@lora_linear_4bit_backward.register_fake
+def _(grad, x_l, t, qweight, absmax, absmax2, code2, offset, code, lora_a, lora_b, scaling, n, k, blocksize,
+      quant_type, x_dtype, dropout, need_dx, need_db):
+    result = [grad.new_empty(*grad.shape[:-1], k, dtype=x_dtype)] if need_dx else []
+    if dropout:
+        result.append(torch.empty_like(x_l))
+    if need_db:
+        result.append(grad.new_empty(n, dtype=x_dtype))
+    return result + [torch.empty_like(lora_a), torch.empty_like(lora_b)]
+
+
+def _setup_lora(ctx, inputs, output):
+    x, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, x_lora, n, k, blocksize, \
+        quant_type = inputs
+    # saved: the adapter's input (x_lora, or x itself without dropout) and t; the rest are frozen weights
+    ctx.save_for_backward(x if x_lora is None else x_lora, output[1], qweight, absmax, absmax2, code2, offset, code,
+                          lora_a, lora_b)
+    ctx.meta = (scaling, n, k, blocksize, quant_type, x.dtype, x_lora is not None)
+
+
+def _backward_lora(ctx, grad, _grad_t):
+    x_l, t, qweight, absmax, absmax2, code2, offset, code, lora_a, lora_b = ctx.saved_tensors
+    scaling, n, k, blocksize, quant_type, x_dtype, dropout = ctx.meta
+    need = ctx.needs_input_grad
+    need_dx, need_db = bool(need[0]), bool(need[7])
+    flat = iter(torch.ops.fxopt.lora_linear_4bit_backward(
+        grad, x_l, t, qweight, absmax, absmax2, code2, offset, code, lora_a, lora_b, scaling, n, k, blocksize,
+        quant_type, x_dtype, dropout, need_dx, need_db))
+    dx = next(flat) if need_dx else None
+    dxl = next(flat) if dropout else None
+    db = next(flat) if need_db else None
+    da, dB = next(flat), next(flat)
+    return dx, None, None, None, None, None, None, db, da, dB, None, dxl, None, None, None, None
+
+
+lora_linear_4bit.register_autograd(_backward_lora, setup_context=_setup_lora)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference(x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, quant_type, lora_a=None,
+              lora_b=None, scaling=1.0, x_lora=None) -> Tensor:
+    """The ops' math in plain PyTorch (differentiable in x, bias, lora_a, lora_b, x_lora): the weight dequantized
+    to x's dtype by `dequantize`, then F.linear, plus the LoRA branch in the adapter's dtype as PEFT computes."""
+    w = dequantize(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type, x.dtype)
+    base = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if lora_a is None:
+        return base
+    xl = x if x_lora is None else x_lora
+    adapter = F.linear(F.linear(xl.to(lora_a.dtype), lora_a), lora_b) * scaling
+    return (base.to(torch.promote_types(base.dtype, adapter.dtype)) + adapter).to(x.dtype)
+
+
+def linear_4bit_fn(x, qweight, quant_state, bias=None) -> Tensor:
+    """fxopt::linear_4bit on a bnb packed weight and its QuantState."""
+    qw, am, am2, c2, off, code, n, k, bs, qt = quant_args(qweight, quant_state)
+    return torch.ops.fxopt.linear_4bit(x, qw, am, am2, c2, off, code, bias, n, k, bs, qt)
+
+
+def lora_linear_4bit_fn(x, qweight, quant_state, bias, lora_a, lora_b, scaling, x_lora=None) -> Tensor:
+    """fxopt::lora_linear_4bit on a bnb packed weight and its QuantState; returns out only."""
+    qw, am, am2, c2, off, code, n, k, bs, qt = quant_args(qweight, quant_state)
+    return torch.ops.fxopt.lora_linear_4bit(x, qw, am, am2, c2, off, code, bias, lora_a, lora_b, float(scaling),
+                                            x_lora, n, k, bs, qt)[0]

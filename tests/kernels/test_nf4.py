@@ -1,0 +1,333 @@
+"""fxopt::linear_4bit and fxopt::lora_linear_4bit against bitsandbytes' own dequantization, in float64: forward and
+every gradient (dX, db; dA, dB and dX_lora for the LoRA form).
+
+Weights are quantized by bitsandbytes (nf4 and fp4, double quantization on and off, every blocksize it takes,
+odd shapes) and the truth is a float64 matmul with the weight that bitsandbytes' dequantize_4bit returns. On
+CPU the Triton kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in fp32 and
+fp16 (the interpreter's bf16 tl.dot is wrong, so bf16 is tested on the GPU). Every buffer the kernels write is
+poisoned with NaN first, so an element left unwritten fails the test.
+
+bitsandbytes 0.50.2's CPU dequantize_4bit (its AVX-512 kernel) gets a [N, K] weight wrong when N > 1, K is a
+multiple of 16 and not of the blocksize (it restarts the blocks at each row; its quantize_4bit, its pure-torch
+backend and, checked in test_gpu_layout_matches_bnb_cuda, its CUDA kernels use blocks over the flat weight).
+So the truth dequantizes the weight viewed as one row of N*K elements, where the layouts agree, and
+test_bnb_truth_is_bnb_layout checks that against bnb's pure-torch backend and, where bnb's CPU kernel is right,
+against its dequantize_4bit of the real shape."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import bitsandbytes.functional as BF
+from fxopt.kernels import nf4
+from fxopt.kernels.nf4 import linear_4bit_fn, lora_linear_4bit_fn, quant_args
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LEADS = [(1,), (3,), (16,), (17,), (2, 5), (33,)]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(nf4, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def quantize(n, k, quant_type, blocksize, double, seed, device=DEVICE, dtype=torch.float32, storage=torch.uint8):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device=device, dtype=dtype)
+    return BF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double,
+                            quant_storage=storage)
+
+
+def bnb_weight(qweight, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit of the weight viewed as one row (see the module docstring), reshaped."""
+    n, k = state.shape
+    one_row = copy.copy(state)
+    one_row.shape = torch.Size([1, n * k])
+    return BF.dequantize_4bit(qweight, one_row).reshape(n, k)
+
+
+class gemv_limit:
+    """Sets nf4.GEMV_MAX_M for a block (0: every input takes the GEMM kernels)."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def __enter__(self):
+        self.old, nf4.GEMV_MAX_M = nf4.GEMV_MAX_M, self.m
+
+    def __exit__(self, *exc):
+        nf4.GEMV_MAX_M = self.old
+
+
+def make_case(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, lora, seed, device):
+    """Leaves (x, bias, lora_a, lora_b, x_lora) and the quantized weight. lora: None or (rank, adapter dtype,
+    dropout input)."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt).requires_grad_()
+
+    qweight, state = quantize(n, k, quant_type, blocksize, double, seed, device)
+    if noncontig:  # a transposed view: x's features are not its fastest dimension
+        x = rnd(k, *lead).detach().movedim(0, -1).requires_grad_()
+    else:
+        x = rnd(*lead, k)
+    b = rnd(n) if bias else None
+    a = bm = xl = None
+    if lora is not None:
+        rank, adt, dropout = lora
+        a = rnd(rank, k, dt=adt, scale=k ** -0.5)
+        bm = rnd(n, rank, dt=adt, scale=rank ** -0.5)
+        xl = rnd(*lead, k, dt=adt) if dropout else None
+    return qweight, state, x, b, a, bm, xl
+
+
+def check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, lora, seed, device=DEVICE):
+    qweight, state, x, b, a, bm, xl = make_case(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig,
+                                                lora, seed, device)
+    scaling = 0.75
+    leaves = [t for t in (x, b, a, bm, xl) if t is not None]
+    if lora is None:
+        out = linear_4bit_fn(x, qweight, state, b)
+    else:
+        out = lora_linear_4bit_fn(x, qweight, state, b, a, bm, scaling, xl)
+
+    # the truth: float64 math on bitsandbytes' dequantized weight
+    w64 = bnb_weight(qweight, state).double()
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(l64)
+    x64 = next(it)
+    b64 = next(it) if b is not None else None
+    ref = F.linear(x64, w64, b64)
+    if lora is not None:
+        a64, bm64 = next(it), next(it)
+        xl64 = next(it) if xl is not None else x64
+        ref = ref + scaling * (xl64 @ a64.t()) @ bm64.t()
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel(out, ref) < tol, "forward"
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device=device, dtype=dtype)
+    got = torch.autograd.grad(out, leaves, gy)
+    want = torch.autograd.grad(ref, l64, gy.double())
+    for i, (gt, wt, leaf) in enumerate(zip(got, want, leaves)):
+        assert gt.dtype == leaf.dtype and gt.shape == leaf.shape, f"gradient {i}"
+        assert rel(gt, wt) < tol, f"gradient {i}"
+
+    if lora is None and device == "cpu":  # nf4.reference, the CPU path's math, agrees with bitsandbytes too
+        r = nf4.reference(x64, *quant_args(qweight, state)[:6], b64, *quant_args(qweight, state)[6:])
+        assert rel(r, F.linear(x64, w64, b64)) < 1e-12
+
+
+def k_for(blocksize, aligned, k_blocks, k_raw):
+    return blocksize * k_blocks if aligned else k_raw
+
+
+COMMON = dict(n=st.integers(1, 70), quant_type=st.sampled_from(["nf4", "fp4"]), double=st.booleans(),
+              blocksize=st.sampled_from([32, 64, 128, 256]), aligned=st.booleans(), k_blocks=st.integers(1, 3),
+              k_raw=st.integers(1, 150), dtype=st.sampled_from([torch.float32, torch.float16]),
+              bias=st.booleans(), noncontig=st.booleans(), gemv=st.booleans(), seed=st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.sampled_from(LEADS), **COMMON)
+def test_linear_matches_bnb(lead, n, quant_type, double, blocksize, aligned, k_blocks, k_raw, dtype, bias, noncontig,
+                            gemv, seed):
+    k = k_for(blocksize, aligned, k_blocks, k_raw)
+    with gemv_limit(16 if gemv else 0):
+        check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, None, seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(lead=st.sampled_from(LEADS), rank=st.integers(1, 40), adapter32=st.booleans(), dropout=st.booleans(), **COMMON)
+def test_lora_matches_bnb(lead, rank, adapter32, dropout, n, quant_type, double, blocksize, aligned, k_blocks, k_raw,
+                          dtype, bias, noncontig, gemv, seed):
+    k = k_for(blocksize, aligned, k_blocks, k_raw)
+    adapter = torch.float32 if adapter32 else dtype  # PEFT keeps fp32 adapters over a half base
+    with gemv_limit(16 if gemv else 0):
+        check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, (rank, adapter, dropout), seed)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2,), (4,), (5,), (16,)])
+def test_gemv_paths(lead):
+    """Every GEMV variant (CUDA-core sum for M <= 4, tensor-core dot above), with a partial last K-step."""
+    for quant_type, double, blocksize, k in [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]:
+        check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
+        check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
+
+
+def test_large_rank():
+    check((9,), 21, 64, "nf4", 64, True, torch.float32, True, False, (129, torch.float32, False), 3)
+
+
+def test_code_tables_match_bnb():
+    for quant_type in ("nf4", "fp4"):
+        assert torch.equal(nf4.code_table(quant_type, "cpu"), BF.get_4bit_type(quant_type, device="cpu"))
+        # code=None (what a graph pass passes) means this table
+        qweight, state = quantize(9, 64, quant_type, 64, True, 0)
+        x = torch.randn(20, 64, device=DEVICE)
+        args = quant_args(qweight, state)
+        given = torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
+        default = torch.ops.fxopt.linear_4bit(x, *args[:5], None, None, *args[6:])
+        assert torch.equal(given, default)
+
+
+def test_bf16_torch_path():
+    """bf16 on the CPU takes the torch math (the interpreter's bf16 tl.dot is wrong); on CUDA, the kernels."""
+    for lead, k, lora in [((3,), 64, None), ((20,), 75, (6, torch.float32, True)), ((2, 3), 128, (4, torch.bfloat16, False))]:
+        check(lead, 13, k, "nf4", 64, True, torch.bfloat16, True, True, lora, 4)
+
+
+def test_packing_order():
+    """The layout fact the kernels rely on, on a weight whose codes are known: nf4 maps -1 to code 0 and +1 to
+    code 15; the first element of each pair is the high nibble, pairs run over the flattened [N, K] weight."""
+    w = torch.tensor([[-1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]])
+    q, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert q.dtype == torch.uint8 and q.shape == (3, 1)
+    assert q.reshape(-1).tolist() == [0x0F, 0xF0, 0x0F]
+    assert torch.equal(state.absmax, torch.tensor([1.0]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 300), quant_type=st.sampled_from(["nf4", "fp4"]), double=st.booleans(),
+       blocksize=st.sampled_from(nf4.BLOCKSIZES), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2 ** 16))
+def test_dequantize_matches_bnb(n, k, quant_type, double, blocksize, dtype, seed):
+    """nf4.dequantize (the CPU path and `reference`) is bit-exact with bitsandbytes' dequantize_4bit."""
+    qweight, state = quantize(n, k, quant_type, blocksize, double, seed, "cpu", dtype)
+    ours = nf4.dequantize(*quant_args(qweight, state), dtype=dtype)
+    assert torch.equal(ours, bnb_weight(qweight, state))
+
+
+def test_bnb_truth_is_bnb_layout():
+    """The one-row truth equals bnb's pure-torch backend everywhere, and bnb's dequantize_4bit of the real shape
+    wherever bnb's CPU kernel is right (blocks that line up with rows)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    plain = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # skip its torch.compile
+    for n, k, blocksize, double in [(7, 96, 64, False), (3, 33, 32, True), (5, 128, 64, True), (9, 130, 128, False),
+                                    (4, 160, 64, True), (2, 256, 256, False)]:
+        qweight, state = quantize(n, k, "nf4", blocksize, double, n * k, "cpu")
+        truth = bnb_weight(qweight, state)
+        absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if double else state.absmax
+        backend = plain(qweight.reshape(-1), absmax.float(), BF.get_4bit_type("nf4", device="cpu"), blocksize,
+                        (n, k), torch.float32)
+        assert torch.equal(truth, backend)
+        if k % blocksize == 0:
+            assert torch.equal(truth, BF.dequantize_4bit(qweight, state))
+
+
+def test_quant_storage_bf16():
+    """A packed weight stored as another dtype (bnb's quant_storage, used with FSDP) reads as its bytes."""
+    x = torch.randn(5, 128)
+    q8, s8 = quantize(6, 128, "nf4", 64, True, 0, "cpu")
+    q16, s16 = quantize(6, 128, "nf4", 64, True, 0, "cpu", storage=torch.bfloat16)
+    assert q16.dtype == torch.bfloat16
+    assert torch.equal(linear_4bit_fn(x, q16, s16), linear_4bit_fn(x, q8, s8))
+
+
+def test_interpreter_runs_the_triton_kernel():
+    if DEVICE == "cpu":
+        assert nf4._INTERPRETED, "on CPU the tests must run the Triton kernels through the interpreter"
+        assert nf4._use_triton(torch.empty(1)) and not nf4._use_triton(torch.empty(1, dtype=torch.bfloat16))
+
+
+def test_broken_kernel_is_caught(monkeypatch):
+    """The property tests can fail: the wrong table, a wrong sign of the low-rank term, are caught."""
+    qweight, state = quantize(12, 64, "nf4", 64, False, 0)
+    x = torch.randn(5, 64, device=DEVICE)
+    wrong = torch.ops.fxopt.linear_4bit(x, qweight, state.absmax, None, None, None,
+                                        nf4.code_table("fp4", DEVICE), None, 12, 64, 64, "nf4")
+    assert rel(wrong, x.double() @ bnb_weight(qweight, state).double().t()) > 0.1
+    real = nf4._matmul
+    monkeypatch.setattr(nf4, "_matmul", lambda x, q, t, lo, s, b: real(x, q, t, lo, -s, b))
+    with pytest.raises(AssertionError):
+        check((5,), 12, 64, "nf4", 64, False, torch.float32, False, False, (4, torch.float32, False), 0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_under_torch_compile(backend):
+    torch._dynamo.reset()
+    qweight, state = quantize(10, 64, "nf4", 64, True, 0)
+    args = quant_args(qweight, state)
+    x = torch.randn(6, 64, device=DEVICE, requires_grad=True)
+    a = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    b = torch.randn(10, 3, device=DEVICE, requires_grad=True)
+
+    def fn(x, a, b):
+        y = torch.ops.fxopt.lora_linear_4bit(x, *args[:6], None, a, b, 0.5, None, *args[6:])[0]
+        return (y.sin() + torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])).sum()
+
+    out = torch.compile(fn, backend=backend)(x, a, b)
+    grads = torch.autograd.grad(out, [x, a, b])
+    want = torch.autograd.grad(fn(x, a, b), [x, a, b])
+    for g1, g2 in zip(grads, want):
+        assert rel(g1, g2) < 1e-5
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 64)
+        q, am = torch.empty(640, 1, dtype=torch.uint8), torch.empty(20, dtype=torch.uint8)
+        am2, c2, off = torch.empty(1), torch.empty(256), torch.empty(())
+        y = torch.ops.fxopt.linear_4bit(x, q, am, am2, c2, off, None, torch.empty(20), 20, 64, 64, "nf4")
+        assert tuple(y.shape) == (2, 5, 20)
+        out, t = torch.ops.fxopt.lora_linear_4bit(x, q, am, am2, c2, off, None, None, torch.empty(3, 64),
+                                                  torch.empty(20, 3), 2.0, None, 20, 64, 64, "nf4")
+        assert tuple(out.shape) == (2, 5, 20) and tuple(t.shape) == (10, 3)
+        dx = torch.ops.fxopt.linear_4bit_dx(torch.empty(2, 5, 20), q, am, am2, c2, off, None, 20, 64, 64, "nf4")
+        assert tuple(dx.shape) == (2, 5, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("adapter", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [((512,), 2048, 2048, 64), ((3, 37), 777, 1000, 64), ((300,), 512, 2048, 128),
+                                  ((1,), 8192, 2048, 64), ((7,), 2048, 8192, 64), ((16,), 300, 4096, 32),
+                                  ((129,), 123, 257, 64)])
+def test_bf16_gpu(adapter, dims):
+    lead, n, k, blocksize = dims
+    rows = 1
+    for d in lead:
+        rows *= d
+    for quant_type, double in (("nf4", True), ("fp4", False)):
+        for gemv in ((16, 0) if rows <= 16 else (16,)):  # a few rows: the GEMV kernel and the GEMM kernels
+            with gemv_limit(gemv):
+                dropout = double  # dropout input with one quant type, none with the other
+                lora = None if adapter is None else (16, adapter, dropout)
+                check(lead, n, k, quant_type, blocksize, double, torch.bfloat16, True, False, lora, 0, device="cuda")
+
+
+@pytest.mark.gpu
+def test_fp32_fp16_gpu():
+    for dtype in (torch.float32, torch.float16):
+        for lead in ((1,), (5,), (129,)):
+            check(lead, 200, 320, "nf4", 64, True, dtype, True, True, (8, torch.float32, True), 1, device="cuda")
+            check(lead, 99, 131, "fp4", 32, False, dtype, False, False, None, 2, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_layout_matches_bnb_cuda():
+    """On CUDA, bnb's own quantize_4bit and dequantize_4bit of the real shape (no one-row view) agree with ours,
+    bit for bit, odd shapes and blocks across rows included; and the op agrees with bnb.matmul_4bit."""
+    import bitsandbytes as bnb
+
+    for n, k, blocksize, double, quant_type in [(7, 96, 64, True, "nf4"), (33, 131, 32, False, "fp4"),
+                                                (64, 2048, 64, True, "nf4"), (5, 100, 128, True, "fp4")]:
+        qweight, state = quantize(n, k, quant_type, blocksize, double, 0, "cuda", torch.bfloat16)
+        assert torch.equal(nf4.dequantize(*quant_args(qweight, state), dtype=torch.bfloat16),
+                           BF.dequantize_4bit(qweight, state))
+        x = torch.randn(9, k, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = bnb.matmul_4bit(x, qweight, state)
+        assert rel(linear_4bit_fn(x, qweight, state), want) < TOL[torch.bfloat16]
