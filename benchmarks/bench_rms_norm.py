@@ -1,0 +1,202 @@
+"""Microbenchmark of torch.ops.fxopt.rms_norm against eager PyTorch and torch.compile (Inductor) of the same
+Hugging Face math, bf16 activations:
+
+    s = x + residual (optional);  out = w * (s.float() * rsqrt(mean(s.float()^2, -1) + eps)).to(bf16)
+
+Cases (M rows x N hidden): the decoder norms of 1B/8B/70B-shaped models (M = 8192 tokens, N = 2048, 4096,
+8192), alone and fused with the residual add before them; per-head q/k norms (M = 8192 tokens x 32 heads,
+N = 128); Gemma's scale_then_cast order (offset 1); a row longer than the register tile (N = 16384, the
+chunked path). The weight is frozen (LoRA) unless the case says "w trained" (then dweight is computed).
+
+Per implementation: forward ms (with grad enabled, as in training) and forward+backward ms
+(triton.testing.do_bench median, .grad cleared between runs), the achieved GB/s of forward+backward counted
+on the bytes a fused kernel must move (forward: read x [and residual], write out [and s]; backward: read
+dy [and ds] and x or s, write dx; rstd and the weight are negligible), against the ~3.0 TB/s measured HBM
+ceiling of the H100, and the relative error of out and dx against the same math in float64.
+
+    python benchmarks/bench_rms_norm.py [--out DIR] [--tag TAG]
+CUDA only: on a machine without a GPU it prints a message and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CEILING_GBS = 3000.0  # HBM bandwidth measured on the H100 of the device machine
+TOKENS, EPS = 8192, 1e-6
+# name: (rows, hidden, residual, cast_then_scale, weight trained)
+CASES = {
+    "1B norm": (TOKENS, 2048, False, True, False),
+    "1B add+norm": (TOKENS, 2048, True, True, False),
+    "1B add+norm, w trained": (TOKENS, 2048, True, True, True),
+    "8B norm": (TOKENS, 4096, False, True, False),
+    "8B add+norm": (TOKENS, 4096, True, True, False),
+    "70B add+norm": (TOKENS, 8192, True, True, False),
+    "q/k norm (head_dim 128)": (TOKENS * 32, 128, False, True, False),
+    "gemma add+norm (scale_then_cast)": (TOKENS, 2048, True, False, False),
+    "chunked row (16384)": (TOKENS // 2, 16384, True, True, False),
+}
+
+
+def hf_math(x, w, residual, cast_then_scale):
+    """What the Hugging Face modules compute (eager, and what torch.compile is given)."""
+    from fxopt.kernels.rms_norm import reference
+
+    return reference(x, w, EPS, residual, 0.0 if cast_then_scale else 1.0, cast_then_scale)
+
+
+def fxopt_op(x, w, residual, cast_then_scale):
+    from fxopt.kernels.rms_norm import rms_norm_fn
+
+    return rms_norm_fn(x, w, EPS, residual, 0.0 if cast_then_scale else 1.0, cast_then_scale)
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def bench_case(name, case, do_bench, compiled, dev="cuda"):
+    m, n, residual, cts, w_trained = case
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*size, dtype=torch.bfloat16, std=1.0, mean=0.0):
+        return (torch.randn(*size, device=dev, generator=gen) * std + mean).to(dtype)
+
+    x = randn(m, n).requires_grad_()
+    r = randn(m, n).requires_grad_() if residual else None
+    w = randn(n, std=0.1, mean=1.0 if cts else 0.0).requires_grad_(w_trained)
+    grads = [randn(m, n)] + ([randn(m, n)] if residual else [])  # d out, and d s (the next residual add)
+    leaves = [t for t in (x, r, w) if t is not None and t.requires_grad]
+
+    def d64(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    x64, r64, w64 = d64(x), d64(r), d64(w)
+    ref = _as_list(hf_math(x64, w64, r64, cts))
+    (ref_dx,) = torch.autograd.grad(ref, [x64], [g.double() for g in grads])
+    del x64, r64, w64, ref[1:]
+
+    elem = x.element_size()
+    fwd_bytes = m * n * elem * (2 + 2 * residual)  # x [, residual] in; out [, s] out
+    bwd_bytes = m * n * elem * (3 + residual)  # dy [, ds], x or s in; dx out
+    rows = []
+    impls = [("eager", hf_math), ("compile", compiled), ("fxopt", fxopt_op)]
+    for impl, fn in impls:
+        row = dict(case=name, M=m, N=n, residual=residual, variant="cast_then_scale" if cts else "scale_then_cast",
+                   weight_trained=w_trained, impl=impl, fwd_mb=fwd_bytes / 1e6, bwd_mb=bwd_bytes / 1e6)
+        try:
+            outs = _as_list(fn(x, w, r, cts))
+            (dx,) = torch.autograd.grad(outs, [x], grads)
+            row.update(rel_err_out=rel_err(outs[0], ref[0]), rel_err_dx=rel_err(dx, ref_dx))
+            del outs, dx
+
+            def fwd():
+                fn(x, w, r, cts)
+
+            def fwd_bwd():
+                torch.autograd.backward(_as_list(fn(x, w, r, cts)), grads)
+
+            row["fwd_ms"] = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+            row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+            row["fwd_gbs"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
+            row["fwd_bwd_gbs"] = (fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] * 1e-3) / 1e9
+        except Exception as e:  # a failing impl is recorded; the others still run
+            row["error"] = f"{type(e).__name__}: {e}"[:1000]
+        for leaf in leaves:
+            leaf.grad = None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    by = {r["impl"]: r for r in rows}
+    f = by["fxopt"]
+    for base in ("eager", "compile"):
+        b = by[base]
+        if "error" not in b and "error" not in f:
+            f[f"speedup_fwd_bwd_vs_{base}"] = b["fwd_bwd_ms"] / f["fwd_bwd_ms"]
+    return rows
+
+
+def table(rows, gpu) -> str:
+    lines = [
+        f"torch.ops.fxopt.rms_norm vs eager and torch.compile (Inductor) on {gpu}, bf16 activations, median of "
+        f"triton.testing.do_bench. GB/s on the bytes a fused kernel must move; % of the {CEILING_GBS:.0f} GB/s "
+        "ceiling. rel err: ||x - ref|| / ||ref|| against float64.",
+        "",
+        "| case (M x N) | impl | fwd ms | fwd GB/s (%) | fwd+bwd ms | fwd+bwd GB/s (%) | fxopt speedup vs eager / compile "
+        "| rel err out / dx |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        label = f"{r['case']} ({r['M']} x {r['N']})"
+        if "error" in r:
+            err = r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            lines.append(f"| {label} | {r['impl']} | {err} | | | | | |")
+            continue
+        speed = ""
+        if "speedup_fwd_bwd_vs_eager" in r:
+            speed = f"{r['speedup_fwd_bwd_vs_eager']:.2f}x / {r.get('speedup_fwd_bwd_vs_compile', float('nan')):.2f}x"
+        lines.append(
+            f"| {label} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_gbs']:.0f} ({100 * r['fwd_gbs'] / CEILING_GBS:.0f}%) "
+            f"| {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_gbs']:.0f} ({100 * r['fwd_bwd_gbs'] / CEILING_GBS:.0f}%) | {speed} "
+            f"| {r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--cases", default="", help=f"comma-separated subset of {list(CASES)} (default: all)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_rms_norm.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+        return
+    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
+    import triton
+    from triton.testing import do_bench
+
+    import fxopt.kernels.rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
+
+    names = [s.strip() for s in args.cases.split(",") if s.strip()] or list(CASES)
+    for name in names:
+        if name not in CASES:
+            p.error(f"--cases: unknown {name!r}; known: {list(CASES)}")
+    # dynamic=False: one static graph per case, what Inductor does best
+    compiled = torch.compile(hf_math, dynamic=False)
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+
+    rows = []
+    for name in names:
+        rows += bench_case(name, CASES[name], do_bench, compiled)
+        torch.cuda.empty_cache()
+
+    gpu = torch.cuda.get_device_name()
+    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+           "python": platform.python_version()}
+    md = table(rows, gpu)
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    base = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}-rms-norm-kernel"
+                                  f"{'-' + args.tag if args.tag else ''}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump({"env": env, "ceiling_gbs": CEILING_GBS, "rows": rows}, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+    print(f"\nwritten: {base}.json, {base}.md")
+
+
+if __name__ == "__main__":
+    main()
