@@ -89,9 +89,13 @@ def run_case(T, H, I, E, k, dtype, w_dtype, act, routing="random", noncontig=Fal
     got = torch.autograd.grad(y, trained, dy)
     want = torch.autograd.grad(ref, [t64 for t64 in l64 if t64.requires_grad], dy.double())
     names = [n for n, t in zip(["x", "topk_weights", "gate_up", "down"], leaves) if t.requires_grad]
-    for name, a, b, t in zip(names, got, want, trained):
+    # The same math by torch in the test dtype: where a sum over tokens cancels (e.g. H = I = 1), rounding the
+    # per-token terms to fp16 alone moves the result past the tolerance; the kernel may not do worse than 2x that.
+    same = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    torch_grads = torch.autograd.grad(reference(same[0], ids, *same[1:], act), [t for t in same if t.requires_grad], dy)
+    for name, a, b, c, t in zip(names, got, want, torch_grads, trained):
         assert a.dtype == t.dtype and a.shape == t.shape, name
-        assert rel(a, b) < tol, f"gradient of {name}"
+        assert rel(a, b) < max(tol, 2 * rel(c, b)), f"gradient of {name}"
 
 
 @settings(max_examples=25, deadline=None)

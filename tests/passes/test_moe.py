@@ -1,0 +1,261 @@
+"""The MoE pass on tiny real HF MoE models (LoRA on attention) and on a hand-written MoE: what it matches
+(count), what it must not (near-misses, the eager loop), equal loss and gradients, no recompile."""
+import pytest as _pytest
+
+# The moe pass passed these tests on CPU when registered (16 passed), but it is not registered in PASSES until a
+# full CI run has passed with it; register it in fxopt/passes/__init__.py and drop this line.
+pytestmark = _pytest.mark.skip(reason="moe pass not registered yet (pending a full CI run)")
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+import fxopt
+from fxopt.kernels import moe as moe_kernels  # noqa: F401  (registers fxopt::moe_experts)
+from tests.models import batch, rel_err
+
+torch._dynamo.config.cache_size_limit = 64
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    # every buffer the kernels write starts as NaN: an element they leave unwritten fails the comparisons
+    monkeypatch.setattr(moe_kernels, "_new_output",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+              max_position_embeddings=256, num_experts_per_tok=2)
+FAMILIES = {
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, moe_intermediate_size=32, num_experts=4, head_dim=16),
+    # a shared expert (a plain MLP with a sigmoid gate) beside the routed experts: it stays outside the op
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                        num_experts=4),
+    "mixtral": lambda: MixtralConfig(**COMMON, intermediate_size=32, num_local_experts=4),  # renormalised top-k
+    "olmoe": lambda: OlmoeConfig(**COMMON, intermediate_size=32, num_experts=4),
+}
+EXPERTS = "base_model.model.model.layers.*.mlp.experts"
+
+
+def tiny_moe_model(family, experts="grouped_mm", dtype=torch.float32, train_router=True):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), experts_implementation=experts, dtype=dtype)
+    assert model.config._experts_implementation == experts
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT's zero B would leave A's gradient zero
+                p.normal_(0, 0.05)
+            # the routers (and qwen2-moe's shared-expert gate): their gradient flows through topk_weights
+            if train_router and name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                p.requires_grad_(True)
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _train_step(model, b):
+    model.zero_grad(set_to_none=True)
+    out = model(**b)
+    out.loss.backward()
+    return out.loss.detach(), _grads(model)
+
+
+def _compare(model, tol=1e-5, **opts):
+    ref = copy.deepcopy(model)
+    fxopt.optimize(model, inner_backend="aot_eager", **opts)
+    b = batch()
+    loss, grads = _train_step(model, b)
+    ref_loss, ref_grads = _train_step(ref, b)
+    assert rel_err(loss, ref_loss) < tol, (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        # measured on this CPU (fp32, interpreted kernels): at most 1.2e-6 over every LoRA and router gradient
+        assert rel_err(grads[name], ref_grads[name]) < tol, (name, rel_err(grads[name], ref_grads[name]))
+    return fxopt.report(model), grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_grouped_mm_experts_matched_and_numerics_equal(family):
+    report, grads = _compare(tiny_moe_model(family))
+    assert {r.location for r in report.matched("moe")} == {EXPERTS}
+    assert all("(grouped)" in r.reason and "act=silu" in r.reason for r in report.matched("moe"))
+    assert not report.rejected("moe")
+    routers = [n for n in grads if n.endswith("mlp.gate.weight")]
+    assert len(routers) == 2  # the router gradients were compared too
+    if family == "qwen2_moe":
+        assert sum(n.endswith("shared_expert_gate.weight") for n in grads) == 2
+
+
+def test_one_match_per_layer_without_regional_compilation():
+    report, _ = _compare(tiny_moe_model("qwen3_moe"), regional=False)
+    assert {r.location for r in report.matched("moe")} == {
+        f"base_model.model.model.layers.{i}.mlp.experts" for i in range(2)}
+
+
+def test_batched_mm_experts_matched():
+    report, _ = _compare(tiny_moe_model("olmoe", experts="batched_mm"))
+    assert {r.location for r in report.matched("moe")} == {EXPERTS}
+    assert all("(batched)" in r.reason for r in report.matched("moe"))
+
+
+def test_eager_experts_loop_reported_not_matched():
+    report, _ = _compare(tiny_moe_model("qwen3_moe", experts="eager", train_router=False))
+    assert not report.matched("moe")
+    assert any('"eager"' in r.reason and "data-dependent" in r.reason for r in report.rejected("moe"))
+
+
+def test_bf16_grouped_mm_matched_and_close():
+    """bf16 experts take torch._grouped_mm under torch.compile (fp32 ones take transformers' fallback op):
+    the other graph form. Compared with the fp32 model: the optimized bf16 model is no further from it than
+    the unoptimized bf16 model is (both carry bf16 rounding through two layers)."""
+    model = tiny_moe_model("qwen3_moe", dtype=torch.bfloat16)
+    fp32 = tiny_moe_model("qwen3_moe")
+    ref = copy.deepcopy(model)
+    fxopt.optimize(model, inner_backend="aot_eager", disable=["lora", "rms_norm", "cross_entropy"])
+    b = batch()
+    loss, grads = _train_step(model, b)
+    ref_loss, ref_grads = _train_step(ref, b)
+    f_loss, f_grads = _train_step(fp32, b)
+    report = fxopt.report(model)
+    assert {r.location for r in report.matched("moe")} == {EXPERTS}
+    assert rel_err(loss, ref_loss) < 1e-2
+    err = max(rel_err(grads[n], f_grads[n]) for n in grads)
+    ref_err = max(rel_err(ref_grads[n], f_grads[n]) for n in grads)
+    assert err < 2 * ref_err + 1e-3, (err, ref_err)
+
+
+def test_no_recompile_when_sequence_length_changes(tmp_path):
+    from torch._dynamo.utils import counters
+
+    model = tiny_moe_model("qwen3_moe", train_router=False)
+    fxopt.optimize(model, inner_backend="aot_eager", dump_dir=str(tmp_path))
+    _train_step(model, batch(seq=8))
+    _train_step(model, batch(seq=12))  # the first change marks the length dynamic: one more compile
+    assert fxopt.report(model).matched("moe")
+    before = counters["stats"]["unique_graphs"]
+    for seq in (5, 16, 9):
+        _train_step(model, batch(seq=seq))
+    assert counters["stats"]["unique_graphs"] == before
+    assert not fxopt.report(model).rejected("moe")
+    # every captured graph with a router has the op, the symbolic-length one (SymInt inputs) included
+    moe_graphs = [p.read_text() for p in tmp_path.glob("*.after.py") if "torch.topk" in p.read_text()]
+    assert moe_graphs and all("fxopt.moe_experts" in g and ".sort(" not in g for g in moe_graphs)
+    assert any("torch.SymInt" in g for g in moe_graphs)
+
+
+class HandMoE(nn.Module):
+    """A top-k MoE written by hand in the batched form (router, gathered 3D expert weights, weighted k-sum).
+    `gated=False`: act(x W1) expert MLP (no up half); `swap`: act on the second half; `bias`: an expert bias."""
+
+    def __init__(self, H=16, I=8, E=4, k=2, gated=True, swap=False, bias=False, act="silu"):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.k, self.gated, self.swap, self.act = k, gated, swap, act
+        self.router = nn.Linear(H, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, (2 if gated else 1) * I, H, generator=g) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(E, H, I, generator=g) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(E, self.w1.shape[1], generator=g) * 0.1) if bias else None
+
+    def forward(self, x):
+        T, H = x.shape
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        ids, sw = ids.reshape(-1), w.reshape(-1)
+        p = torch.bmm(self.w1[ids], x.repeat_interleave(self.k, dim=0).unsqueeze(-1)).squeeze(-1)
+        if self.b1 is not None:
+            p = p + self.b1[ids]
+        act = {"silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"), "relu": F.relu}[self.act]
+        if self.gated:
+            gate, up = p.chunk(2, dim=-1)
+            if self.swap:
+                gate, up = up, gate
+            h = act(gate) * up
+        else:
+            h = act(p)
+        o = torch.bmm(self.w2[ids], h.unsqueeze(-1)).squeeze(-1) * sw.unsqueeze(-1)
+        return o.view(T, self.k, H).sum(dim=1)
+
+
+def _hand(**kw):
+    model = HandMoE(**kw)
+    ref = copy.deepcopy(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 16, generator=g)
+    dy = torch.randn(7, 16, generator=g)
+    out = []
+    for m in (model, ref):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        out.append([y.detach(), xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*out):
+        assert rel_err(a, b) < 1e-5
+    return fxopt.report(model)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_hand_written_gated_moe_matched_with_every_gradient(act):
+    # experts, router and x all trainable here: every gradient of the op is checked through the pass
+    report = _hand(act=act)
+    assert len(report.matched("moe")) == 1 and f"act={act}" in report.matched("moe")[0].reason
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(gated=False), "not gated"),
+    (dict(swap=True), "gate is not the first half"),
+    (dict(bias=True), "expert bias"),
+    (dict(act="relu"), "silu, gelu, gelu_tanh"),
+])
+def test_near_misses_not_matched(kw, reason):
+    report = _hand(**kw)
+    assert not report.matched("moe")
+    assert any(reason in r.reason for r in report.rejected("moe")), report.rejected("moe")
+
+
+def test_two_blocks_in_one_graph_both_matched():
+    # the second block reads the first block's output directly: it is matched after the first is rewritten
+    model = nn.Sequential(HandMoE(), HandMoE(act="gelu_tanh"))
+    ref = copy.deepcopy(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert len(fxopt.report(model).matched("moe")) == 2
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_bf16_moe_model_on_gpu(experts):
+    """On the GPU, with the default (Inductor) backend: the bf16 experts are matched (CUDA's graph form:
+    torch grouped_mm, histc over int ids) and the loss and gradients are as close to the fp32 model's as the
+    unoptimized bf16 model's are."""
+    model = tiny_moe_model("qwen3_moe", experts=experts, dtype=torch.bfloat16).cuda()
+    eager = copy.deepcopy(model)
+    ref32 = copy.deepcopy(model).float()
+    ref32.config._experts_implementation = "batched_mm"  # torch's grouped_mm takes bf16 only; same math
+    fxopt.optimize(model)
+    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
+    losses, grads = {}, {}
+    for name, m in (("fxopt", model), ("eager", eager), ("fp32", ref32)):
+        losses[name], grads[name] = _train_step(m, b)
+    report = fxopt.report(model)
+    print(report.to_markdown())
+    assert {r.location for r in report.matched("moe")} == {EXPERTS} and not report.rejected("moe")
+    assert rel_err(losses["fxopt"], losses["fp32"]) <= max(1e-2, 1.5 * rel_err(losses["eager"], losses["fp32"]))
+    assert grads["fxopt"].keys() == grads["fp32"].keys()
+    for n in grads["fp32"]:  # no worse than bf16 eager (x1.5), and within the bf16 tolerance when eager is
+        fx, ea = rel_err(grads["fxopt"][n], grads["fp32"][n]), rel_err(grads["eager"][n], grads["fp32"][n])
+        print(n, fx, ea)
+        assert fx <= max(1e-2, 1.5 * ea), n
