@@ -23,15 +23,14 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import sys
 import time
 
 import torch
+
+from kernel_results import environment, write
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +177,6 @@ def main():
         print("bench_cross_entropy.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
         return
     sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
-    import triton
     from triton.testing import do_bench
 
     from fxopt.kernels import cross_entropy as ce
@@ -238,21 +236,9 @@ def main():
     for r in rows:  # rows without timings (skipped, failed, GEMMs only) still print in the table
         r.setdefault("rel_err_loss", float("nan"))
         r.setdefault("rel_err_dx", float("nan"))
-    gpu = torch.cuda.get_device_name()
-    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-           "python": platform.python_version(), "liger": _liger_version()}
-    md = table(rows, gpu, kernel)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    base = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}-cross-entropy"
-                                  f"{'-' + args.tag if args.tag else ''}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump({"env": env, "ceiling_tflops": CEILING_TFLOPS, "row_kernel": kernel, "rows": rows}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
-    print()
-    print(md)
-    print(f"\nwritten: {base}.json, {base}.md")
+    env = environment(liger=_liger_version())
+    gpu = env["gpu"]
+    write(args.out, "cross-entropy", args.tag, {"env": env, **{"ceiling_tflops": CEILING_TFLOPS, "row_kernel": kernel, "rows": rows}}, table(rows, gpu, kernel))
 
 
 def _liger_version():

@@ -15,14 +15,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import sys
 
 import torch
+
+from kernel_results import environment, write
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +168,6 @@ def main():
         print("bench_lora.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
         return
     sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
-    import triton
     from triton.testing import do_bench
 
     import fxopt.kernels.lora  # noqa: F401  (registers torch.ops.fxopt.lora_linear)
@@ -185,21 +183,9 @@ def main():
             rows += bench_case(name, SHAPES[name], adapter_dtype, do_bench)
             torch.cuda.empty_cache()
 
-    gpu = torch.cuda.get_device_name()
-    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-           "python": platform.python_version()}
-    md = table(rows, gpu)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    base = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}-lora-kernel"
-                                  f"{'-' + args.tag if args.tag else ''}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump({"env": env, "ceiling_tflops": CEILING_TFLOPS, "rows": rows}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
-    print()
-    print(md)
-    print(f"\nwritten: {base}.json, {base}.md")
+    env = environment()
+    gpu = env["gpu"]
+    write(args.out, "lora-kernel", args.tag, {"env": env, **{"ceiling_tflops": CEILING_TFLOPS, "rows": rows}}, table(rows, gpu))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import sys
 
 import torch
+
+from kernel_results import environment, write
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +189,6 @@ def main():
         return
     sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     import bitsandbytes
-    import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
     import fxopt.kernels.nf4  # noqa: F401  (registers the torch.ops.fxopt 4-bit ops)
@@ -209,22 +207,9 @@ def main():
             rows += bench_decode(name, n, k, do_bench, do_bench_cudagraph)
         torch.cuda.empty_cache()
 
-    gpu = torch.cuda.get_device_name()
-    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-           "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version()}
-    md = tables(rows, gpu)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    base = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}-nf4-kernel"
-                                  f"{'-' + args.tag if args.tag else ''}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump({"env": env, "ceiling_tflops": CEILING_TFLOPS, "ceiling_gbs": CEILING_GBS, "rows": rows}, f,
-                  indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
-    print()
-    print(md)
-    print(f"\nwritten: {base}.json, {base}.md")
+    env = environment(bitsandbytes=bitsandbytes.__version__)
+    gpu = env["gpu"]
+    write(args.out, "nf4-kernel", args.tag, {"env": env, **{"ceiling_tflops": CEILING_TFLOPS, "ceiling_gbs": CEILING_GBS, "rows": rows}}, tables(rows, gpu))
 
 
 if __name__ == "__main__":

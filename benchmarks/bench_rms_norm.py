@@ -20,14 +20,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import sys
 
 import torch
+
+from kernel_results import environment, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_GBS = 3000.0  # HBM bandwidth measured on the H100 of the device machine
@@ -163,7 +162,6 @@ def main():
         print("bench_rms_norm.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
         return
     sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
-    import triton
     from triton.testing import do_bench
 
     import fxopt.kernels.rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
@@ -181,21 +179,9 @@ def main():
         rows += bench_case(name, CASES[name], do_bench, compiled)
         torch.cuda.empty_cache()
 
-    gpu = torch.cuda.get_device_name()
-    env = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-           "python": platform.python_version()}
-    md = table(rows, gpu)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    base = os.path.join(args.out, f"{datetime.date.today().isoformat()}-{slug}-rms-norm-kernel"
-                                  f"{'-' + args.tag if args.tag else ''}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump({"env": env, "ceiling_gbs": CEILING_GBS, "rows": rows}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(md + "\n")
-    print()
-    print(md)
-    print(f"\nwritten: {base}.json, {base}.md")
+    env = environment()
+    gpu = env["gpu"]
+    write(args.out, "rms-norm-kernel", args.tag, {"env": env, **{"ceiling_gbs": CEILING_GBS, "rows": rows}}, table(rows, gpu))
 
 
 if __name__ == "__main__":

@@ -40,19 +40,12 @@ class PassContext:
         return name
 
 
-# A graph with symbolic sizes records one CUDA graph (and memory pool) per size it meets; skipping them runs
-# such graphs as plain kernels instead. FXOPT_CUDAGRAPH_SKIP_DYNAMIC=1 turns that on (off by default: measured
-# on the H100 dense workload, being on cost far more than it saved; see benchmarks/results).
-SKIP_DYNAMIC = os.environ.get("FXOPT_CUDAGRAPH_SKIP_DYNAMIC", "0") == "1"
-
-
 def _inner(name: str, cudagraphs: bool = False):
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
         if cudagraphs:
-            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True,
-                                                                 "triton.cudagraph_skip_dynamic_graphs": SKIP_DYNAMIC})
+            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
         return compile_fx
     return torch._dynamo.lookup_backend(name)
 

@@ -51,3 +51,54 @@ def lora_grads(model):
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def train_step(model, b, seed=None):
+    """One forward with labels and backward; returns (loss, {name: grad of each trained parameter}). seed:
+    the same dropout draws in the models compared."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = model(**b).loss
+    loss.backward()
+    return loss.detach(), lora_grads(model)
+
+
+def assert_same_training(model, ref, b, tol=1e-5, seed=None):
+    """The optimized `model` and the unoptimized `ref` give the same loss and every gradient (fp32: DESIGN's
+    1e-5). Returns the optimized model's (loss, grads)."""
+    loss, grads = train_step(model, b, seed)
+    ref_loss, ref_grads = train_step(ref, b, seed)
+    assert rel_err(loss, ref_loss) < tol, (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < tol, (name, rel_err(grads[name], ref_grads[name]))
+    return loss, grads
+
+
+def assert_no_less_accurate(model, eager, ref32, b, factor=1.5, floor=1e-2):
+    """Half precision: the optimized `model` and the unoptimized `eager` both carry the rounding of their dtype,
+    so each is measured against `ref32` (the same weights computing in fp32). fxopt must not add to it: its loss
+    and every gradient within max(floor, factor x eager's error), floor being DESIGN's bf16 tolerance. Returns
+    {name: (fxopt's error, eager's error)}."""
+    runs = {k: train_step(m, b) for k, m in (("fxopt", model), ("eager", eager), ("fp32", ref32))}
+    (loss, grads), (e_loss, e_grads), (f_loss, f_grads) = runs["fxopt"], runs["eager"], runs["fp32"]
+    assert grads.keys() == e_grads.keys() == f_grads.keys() and grads
+    errs = {"loss": (rel_err(loss, f_loss), rel_err(e_loss, f_loss))}
+    errs.update({n: (rel_err(grads[n], f_grads[n]), rel_err(e_grads[n], f_grads[n])) for n in grads})
+    for name, (fx, ea) in errs.items():
+        assert fx <= max(floor, factor * ea), (name, fx, ea)
+    return errs
+
+
+def assert_no_recompile(model, lengths=(16, 24, 32, 17, 40)):
+    """Train steps at each sequence length. The first change marks the length dynamic (one more compile);
+    after that no length may compile a new graph: no pass specialises a symbolic size."""
+    from torch._dynamo.utils import counters
+
+    train_step(model, batch(seq=lengths[0]))
+    train_step(model, batch(seq=lengths[1]))
+    before = counters["stats"]["unique_graphs"]
+    for seq in lengths[2:]:
+        train_step(model, batch(seq=seq))
+    assert counters["stats"]["unique_graphs"] == before

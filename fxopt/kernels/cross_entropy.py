@@ -55,6 +55,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+
 _INTERPRETED = False
 
 # Logits bytes per chunk (see the docstring). Tests set it small to get many chunks out of small inputs.
@@ -132,23 +134,15 @@ if triton is not None:
                 g = tl.where(valid, g, 0.0)
                 tl.store(ptr + c, g.to(LOGITS.dtype.element_ty), mask=c < V)
 
-    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
-    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
-    _INTERPRETED = type(_ce_rows_kernel).__name__ == "InterpretedFunction"
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    _INTERPRETED = interpreted(_ce_rows_kernel)
 
 
 def _use_triton(x: Tensor) -> bool:
-    if triton is None or x.dtype not in _KERNEL_DTYPES:  # e.g. float64: the torch math
-        return False
-    return x.is_cuda or (_INTERPRETED and x.device.type == "cpu")
+    # the row kernel has no tl.dot and rounds like the GPU: bf16 is right in the interpreter too
+    return use_triton(_INTERPRETED, x, bf16_interpreted=True)
 
 
-def _new_output(shape, dtype, device) -> Tensor:
-    """Every buffer the op writes is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_new_output = new_output  # tests poison this module's outputs through it
 
 
 def _chunk_rows(n: int, v: int, itemsize: int) -> int:
@@ -176,11 +170,8 @@ def _ce_rows_triton(logits, labels, loss, ignore_index, softcap, write_grad):
     block = min(triton.next_power_of_2(v), BLOCK_V_INTERPRETED if _INTERPRETED else BLOCK_V_GPU)
     args = (logits, labels, loss, v, logits.stride(0), labels.stride(0), ignore_index, float(softcap))
     flags = dict(HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad, BLOCK_V=block)
-    if _INTERPRETED:
-        _ce_rows_kernel[(rows,)](*args, **flags)
-    else:
-        with torch.cuda.device(logits.device):
-            _ce_rows_kernel[(rows,)](*args, **flags, num_warps=8 if block >= 2048 else 4)
+    launch(_ce_rows_kernel, None, lambda meta: (rows,), args, flags,
+           {} if _INTERPRETED else {"num_warps": 8 if block >= 2048 else 4}, logits.device)
 
 
 def _ce_rows_torch(logits, labels, loss, ignore_index, softcap, write_grad):

@@ -32,6 +32,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+
 _INTERPRETED = False
 
 if triton is not None:
@@ -102,9 +104,7 @@ if triton is not None:
             acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
-    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
-    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
-    _INTERPRETED = type(_lora_matmul_kernel).__name__ == "InterpretedFunction"
+    _INTERPRETED = interpreted(_lora_matmul_kernel)
 
     # Hopper-sized tiles (a config that does not fit shared memory, e.g. the largest in fp32, is skipped by
     # the autotuner). M, the token count, is symbolic in the compiled graph and varies: tune on a
@@ -121,21 +121,13 @@ if triton is not None:
         configs=_CONFIGS, key=["N", "K", "M_BUCKET", "stride_wn"], restore_value=["OUT"])(_lora_matmul_kernel)
 
 
+# the interpreter's one small config (autotuning it is pointless)
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_new_output = new_output  # tests poison this module's outputs through it
+
+
 def _use_triton(*tensors: Tensor) -> bool:
-    t = tensors[0]
-    if triton is None:
-        return False
-    if t.is_cuda:
-        return True
-    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the CPU
-    # takes the torch math, and the bf16 kernel is tested on the GPU.
-    return (_INTERPRETED and t.device.type == "cpu"
-            and all(u is None or u.dtype != torch.bfloat16 for u in tensors))
-
-
-def _new_output(shape, dtype, device) -> Tensor:
-    """Every buffer the kernel writes is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    return use_triton(_INTERPRETED, *tensors)
 
 
 # Which GEMM runs the op on CUDA: "triton" (the fused kernel above), "cublas" (cuBLAS base GEMM, then the
@@ -234,17 +226,10 @@ def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor
             lo.stride(0), lo.stride(1), out.stride(0), out.stride(1), float(scale))
     flags = dict(HAS_LORA=has_lora, HAS_BIAS=has_bias, ACCUMULATE=accumulate, PRECISION=precision,
                  BLOCK_R=16 if R <= 16 else (32 if R <= 32 else 64))
-    if _INTERPRETED:
-        # one small config: the interpreter is slow and autotuning it is pointless
-        bm, bn = 16, 32
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _lora_matmul_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=2)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        with torch.cuda.device(x.device):
-            _tuned_kernel[grid](*args, **flags)
+    launch(_lora_matmul_kernel, _tuned_kernel, grid, args, flags, _INTERPRETER_CONFIG, x.device)
     return out
 
 

@@ -52,6 +52,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _INTERPRETED = False
 
@@ -277,9 +279,7 @@ if triton is not None:
                     + offs_n[None, :] * stride_on)
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
-    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
-    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
-    _INTERPRETED = type(_rows_kernel).__name__ == "InterpretedFunction"
+    _INTERPRETED = interpreted(_rows_kernel)
 
     def _configs(shapes):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -322,15 +322,9 @@ AUTOTUNE = True
 
 def _launch(name: str, grid, args, flags, device) -> None:
     kernel, tuned, fixed = _KERNELS[name]
-    if _INTERPRETED:
-        kernel[grid(fixed)](*args, **flags, **fixed)
-        return
-    with torch.cuda.device(device):
-        if AUTOTUNE:
-            tuned[grid](*args, **flags)
-        else:
-            kernel[grid(fixed.kwargs)](*args, **flags, **fixed.kwargs, num_warps=fixed.num_warps,
-                                       num_stages=fixed.num_stages)
+    if isinstance(fixed, triton.Config):
+        fixed = dict(fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+    launch(kernel, tuned if AUTOTUNE else None, grid, args, flags, fixed, device)
 
 
 def _act_torch(g: Tensor, activation: str):
@@ -352,20 +346,10 @@ def _act_ref(g: Tensor, activation: str) -> Tensor:
 
 
 def _use_triton(*tensors: Tensor) -> bool:
-    if triton is None:
-        return False
-    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
-        return False
-    if tensors[0].is_cuda:
-        return True
-    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the CPU
-    # takes the torch math, and the bf16 kernels are tested on the GPU.
-    return _INTERPRETED and tensors[0].device.type == "cpu" and all(t.dtype != torch.bfloat16 for t in tensors)
+    return use_triton(_INTERPRETED, *tensors)
 
 
-def _new_output(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels write is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_new_output = new_output  # tests poison this module's outputs through it
 
 
 def _precision(dtype) -> str:

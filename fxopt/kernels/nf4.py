@@ -42,6 +42,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+
 # The two 16-entry tables, as bitsandbytes defines them (tests check they are equal to bnb's get_4bit_type).
 # nf4: quantiles of N(0, 1) scaled to [-1, 1]; fp4: 1 sign bit, 2 exponent bits, 1 mantissa bit, in bit-pattern
 # order, divided by the largest magnitude 12.
@@ -304,9 +306,7 @@ if triton is not None:
         out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
 
-    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
-    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
-    _INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+    _INTERPRETED = interpreted(_fwd_kernel)
 
     # ALIGNED (one scale per weight row per K-step) depends on the tile width the autotuner picks.
     def _aligned(args):
@@ -426,21 +426,14 @@ def quant_args(qweight: Tensor, quant_state) -> tuple:
             quant_state.quant_type)
 
 
+# the interpreter's one small config per kernel (autotuning it is pointless)
+_INTERPRETER_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_INTERPRETER_DX = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+_new_output = new_output  # tests poison this module's outputs through it
+
+
 def _use_triton(*tensors) -> bool:
-    t = tensors[0]
-    if triton is None:
-        return False
-    if t.is_cuda:
-        return True
-    # Triton's interpreter computes tl.dot on bf16 operands wrongly (fp16/fp32 are right): bf16 on the CPU
-    # takes the torch math, and the bf16 kernel is tested on the GPU.
-    return (_INTERPRETED and t.device.type == "cpu"
-            and all(u is None or u.dtype != torch.bfloat16 for u in tensors))
-
-
-def _new_output(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels write is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    return use_triton(_INTERPRETED, *tensors)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -496,28 +489,17 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         bm = 16 if use_dot else bm
         sub_k = min(q.blocksize, 64)
         args = (x, *ptrs, t, lo, bias, out, M, N, K, R, *strides)
-        if _INTERPRETED:
-            _gemv[(triton.cdiv(N, 16),)](*args, **flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm,
-                                                  BLOCK_N=16, BLOCK_K=2 * sub_k)
-        else:
-            with torch.cuda.device(x.device):
-                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                    *args, **flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm)
+        launch(_gemv, _gemv_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args,
+               dict(flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm), dict(BLOCK_N=16, BLOCK_K=2 * sub_k),
+               x.device)
         return out
 
     args = (x, *ptrs, t, lo, bias, out, M, N, K, R, min(triton.next_power_of_2(M), 8192), *strides)
     flags["PAIRED"] = K % 2 == 0
-    if _INTERPRETED:
-        # one small config: the interpreter is slow and autotuning it is pointless
-        bm, bn = 16, 32
-        _fwd[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32,
-                                                         GROUP_M=2)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        with torch.cuda.device(x.device):
-            _fwd_tuned[grid](*args, **flags)
+    launch(_fwd, _fwd_tuned, grid, args, flags, _INTERPRETER_GEMM, x.device)
     return out
 
 
@@ -545,16 +527,10 @@ def _matmul_dx(dy: Tensor, q: _Quant, u: Optional[Tensor], a: Optional[Tensor], 
             dx.stride(1), float(scale))
     flags = dict(BS=q.blocksize, PAIRED=K % 2 == 0, DOUBLE_QUANT=q.double, HAS_LORA=has_lora,
                  PRECISION=precision, BLOCK_R=_block_r(R))
-    if _INTERPRETED:
-        bm, bk = 16, 32
-        _dx[(triton.cdiv(M, bm) * triton.cdiv(K, bk),)](*args, **flags, BLOCK_M=bm, BLOCK_N=16, BLOCK_K=bk,
-                                                        GROUP_M=2)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-        with torch.cuda.device(dy.device):
-            _dx_tuned[grid](*args, **flags)
+    launch(_dx, _dx_tuned, grid, args, flags, _INTERPRETER_DX, dy.device)
     return dx
 
 

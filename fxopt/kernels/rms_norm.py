@@ -24,7 +24,6 @@ fp32 -> bf16 casts, so bf16 on the CPU takes the torch math).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -35,6 +34,8 @@ try:
     import triton.language as tl
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
+
+from fxopt.kernels.common import interpreted, new_output, on_device, use_triton
 
 _INTERPRETED = False
 # Longest row kept in registers; longer rows are processed in chunks of this size (tests lower it to
@@ -180,30 +181,15 @@ if triton is not None:
         if ONE_TILE and NEED_DW:
             tl.store(DW + pid * N + cols, dw_acc, mask=cols < N)
 
-    # With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
-    # (triton 3.x); the CPU branch of the op keys on that, not on the environment at call time.
-    _INTERPRETED = type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
+    _INTERPRETED = interpreted(_rms_norm_fwd_kernel)
 
 
 def _use_triton(t: Tensor) -> bool:
     """t: the normalised input; every rounding the kernels do is to its dtype."""
-    if triton is None:
-        return False
-    if t.is_cuda:
-        return True
-    # Triton's interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest even): bf16 on the
-    # CPU takes the torch math, and the bf16 kernels are tested on the GPU.
-    return _INTERPRETED and t.device.type == "cpu" and t.dtype != torch.bfloat16
+    return use_triton(_INTERPRETED, t)
 
 
-def _new_output(shape, dtype, device) -> Tensor:
-    """Every buffer the kernels write is allocated here (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _on(device):
-    """Launch on the tensor's GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_new_output = new_output  # tests poison this module's outputs through it
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -264,7 +250,7 @@ def rms_norm(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, 
         rstd = _new_output((m,), torch.float32, x.device)
         if m > 0 and n > 0:
             block_m, block_n, one_tile, warps = _blocks(n)
-            with _on(x.device):
+            with on_device(x.device):
                 _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
                     x2, x2 if r2 is None else r2, weight, out, out if s is None else s, rstd, m, n,
                     x2.stride(0), 0 if r2 is None else r2.stride(0), float(eps), float(offset),
@@ -335,7 +321,7 @@ def rms_norm_backward(grad_out: Tensor, grad_s: Optional[Tensor], xs: Tensor, we
             part = (_new_output(shape, torch.float32, xs.device) if one_tile
                     else torch.zeros(shape, dtype=torch.float32, device=xs.device))
         if programs > 0 and (need_dx or need_dw):
-            with _on(xs.device):
+            with on_device(xs.device):
                 _rms_norm_bwd_kernel[(programs,)](
                     dy2, dy2 if ds2 is None else ds2, xs2, weight, rstd1, dx if need_dx else dy2,
                     part if need_dw else dy2, m, n, dy2.stride(0), 0 if ds2 is None else ds2.stride(0),

@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.kernels import cross_entropy as _kernel  # noqa: F401  (registers torch.ops.fxopt.linear_cross_entropy)
-from fxopt.passes.graph_utils import LINEAR_TARGETS, cast_dtype, is_call, is_method, linear_args, module_path, static_int, value
+from fxopt.passes.graph_utils import (
+    LINEAR_TARGETS, Reject, cast_dtype, is_call, is_method, linear_args, module_path, static_int, value)
 from fxopt.report import MatchRecord
 
 NAME = "cross_entropy"
@@ -29,10 +30,6 @@ DESCRIPTION = "lm_head linear + cross-entropy -> fxopt::linear_cross_entropy (ch
 CE_TARGETS = (F.cross_entropy, torch.nn.functional.cross_entropy)
 TANH_TARGETS = (torch.tanh, torch.ops.aten.tanh.default)
 DIV_TARGETS = (operator.truediv, torch.div)
-
-
-class Reject(Exception):
-    pass
 
 
 def _ce_options(ce):

@@ -7,10 +7,16 @@ import re
 import torch
 import torch.fx as fx
 
+from fxopt.kernels.common import KERNEL_DTYPES as FLOATS  # noqa: F401  (the dtypes fxopt's kernels take)
+
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 DROPOUT_TARGETS = (torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default)
 MUL_TARGETS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 ADD_TARGETS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+
+
+class Reject(Exception):
+    """Raised by a pass's matcher: this subgraph is left as it is, and the message is the report's reason."""
 
 
 def value(node) -> torch.Tensor | None:

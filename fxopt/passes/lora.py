@@ -20,13 +20,12 @@ import torch
 import torch.fx as fx
 
 from fxopt.passes.graph_utils import (
-    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, cast_dtype, is_call, linear_args, module_path,
-    only_user, static_int, value)
+    FLOATS, ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, Reject, cast_dtype, is_call, linear_args,
+    module_path, only_user, static_int, value)
 from fxopt.report import MatchRecord
 
 NAME = "lora"
 DESCRIPTION = "PEFT LoRA linear (base + scaled low-rank adapter) -> fxopt::lora_linear, q/k/v and gate/up fused"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -43,12 +42,10 @@ class LoraMatch:
     location: str
 
 
-class Reject(Exception):
-    pass
-
-
-def _adapter_input(xl):
-    """Walk back from the adapter's input through casts and one dropout; returns (root x, x_lora or None)."""
+def adapter_root(xl):
+    """Walk back from an adapter's input through casts and at most one dropout. Returns (root, exact,
+    has_dropout); exact: no down-cast on the way, so the root holds the values the adapter reads.
+    Shared with the qlora pass, which matches the same adapter on a 4-bit base."""
     node, has_dropout, exact = xl, False, True
     while True:
         dtype = cast_dtype(node)
@@ -67,24 +64,35 @@ def _adapter_input(xl):
             has_dropout = True
             node = node.args[0]
             continue
-        break
-    return node, (xl if has_dropout or not exact else None)
+        return node, exact, has_dropout
 
 
-def _scaled_lora_branch(node):
-    """If `node` is `linear(linear(_, A), B) * s` (or without `* s`), return (u, scale); else None."""
-    scale = 1.0
+def adapter_branch(node):
+    """If `node` looks like an adapter output `(linear(linear(_, A), B) * s).to?(dtype)`, return its nodes
+    (cast or None, mul or None, u = linear(_, B)); else None. Only says "an adapter is here": checks come later."""
+    cast = None
+    if cast_dtype(node) is not None:
+        cast, node = node, node.args[0]
+    mul = None
     if is_call(node, MUL_TARGETS) and len(node.args) == 2:
-        a, b = node.args
-        if isinstance(b, (int, float)) and not isinstance(b, bool):
-            node, scale = a, float(b)
-        elif isinstance(a, (int, float)) and not isinstance(a, bool):
-            node, scale = b, float(a)
-        else:
-            return None
+        for i in (0, 1):
+            if is_call(node.args[i], LINEAR_TARGETS) and is_call(linear_args(node.args[i])[0], LINEAR_TARGETS):
+                mul, node = node, node.args[i]
+                break
     if is_call(node, LINEAR_TARGETS) and is_call(linear_args(node)[0], LINEAR_TARGETS):
-        return node, scale
+        return cast, mul, node
     return None
+
+
+def adapter_scale(mul, u) -> float:
+    """The constant s of `mul = u * s`; Reject for a scale the kernels cannot take as a constant."""
+    other = mul.args[1] if mul.args[0] is u else mul.args[0]
+    if isinstance(other, fx.Node) and value(other) is None:
+        raise Reject("adapter scale is a runtime number (Dynamo made the float dynamic, e.g. after a "
+                     "change of lora_alpha): not supported")
+    if not isinstance(other, (int, float)) or isinstance(other, bool):
+        raise Reject("adapter output is scaled by a tensor (DoRA or a custom scale): not supported")
+    return float(other)
 
 
 def _check_single_use(node, what):
@@ -99,7 +107,8 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
     if a_bias is not None or b_bias is not None:
         raise Reject("adapter matrix with a bias")
     _check_single_use(t, "adapter hidden x@A^T")
-    x, x_lora = _adapter_input(xl)
+    x, exact, has_dropout = adapter_root(xl)
+    x_lora = xl if has_dropout or not exact else None
     consumed = [t, u]
 
     v, scale = u, 1.0
@@ -107,13 +116,7 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
     if user is None:
         raise Reject("adapter output is used more than once")
     if is_call(user, MUL_TARGETS):
-        other = user.args[1] if user.args[0] is u else user.args[0]
-        if isinstance(other, fx.Node) and value(other) is None:
-            raise Reject("adapter scale is a runtime number (Dynamo made the float dynamic, e.g. after a "
-                         "change of lora_alpha): not supported")
-        if not isinstance(other, (int, float)) or isinstance(other, bool):
-            raise Reject("adapter output is scaled by a tensor (DoRA or a custom scale): not supported")
-        v, scale = user, float(other)
+        v, scale = user, adapter_scale(user, u)
         consumed.append(v)
         user = only_user(v)
         if user is None:
@@ -123,7 +126,7 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
     add = user
     r = add.args[0] if add.args[1] is v else add.args[1]
     if not is_call(r, LINEAR_TARGETS):
-        if is_call(r, ADD_TARGETS) and any(_scaled_lora_branch(a) for a in r.args):
+        if is_call(r, ADD_TARGETS) and any(adapter_branch(a) for a in r.args):
             raise Reject("several active adapters on one layer: not supported")
         raise Reject("the adapter is not added to a linear of the same input")
     rx, weight, bias = linear_args(r)
@@ -143,7 +146,7 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
         out = cast
         consumed.append(cast)
     for a in out.users:
-        if is_call(a, ADD_TARGETS) and any(_scaled_lora_branch(arg) for arg in a.args if arg is not out):
+        if is_call(a, ADD_TARGETS) and any(adapter_branch(arg) for arg in a.args if arg is not out):
             raise Reject("several active adapters on one layer: not supported")
     _guard(x, x_lora, weight, bias, lora_a, lora_b)
     return LoraMatch(x, x_lora, weight, bias, lora_a, lora_b, scale, out, consumed,

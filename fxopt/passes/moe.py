@@ -38,17 +38,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.passes.graph_utils import (
-    ADD_TARGETS, MUL_TARGETS, cast_dtype, is_call, is_method, module_path, static_int, value)
+    FLOATS, ADD_TARGETS, MUL_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, static_int, value)
 from fxopt.report import MatchRecord
 
 NAME = "moe"
 DESCRIPTION = "MoE experts (top-k routed, gated 3D expert weights; grouped or batched) -> fxopt::moe_experts"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FALLBACK_GROUPED_MM = "transformers::grouped_mm_fallback"  # a library's op (not a model family)
-
-
-class Reject(Exception):
-    pass
 
 
 def _is_grouped_mm(node) -> bool:

@@ -38,22 +38,18 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from fxopt.passes.graph_utils import (
-    ADD_TARGETS, DROPOUT_TARGETS, LINEAR_TARGETS, MUL_TARGETS, cast_dtype, is_call, is_method, linear_args,
-    module_path, only_user, static_int, value)
+    FLOATS, ADD_TARGETS, LINEAR_TARGETS, Reject, cast_dtype, is_call, is_method, linear_args, module_path, only_user,
+    static_int, value)
+from fxopt.passes.lora import adapter_branch, adapter_root, adapter_scale
 from fxopt.report import MatchRecord
 
 NAME = "qlora"
 DESCRIPTION = ("bitsandbytes 4-bit linear -> fxopt::linear_4bit; with its PEFT LoRA adapter -> "
                "fxopt::lora_linear_4bit")
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 QUANT_TYPES = ("nf4", "fp4")
 APPLY = torch.ops.higher_order.autograd_function_apply
 VIEW_METHODS = ("view", "reshape", "t", "transpose", "flatten", "squeeze", "unsqueeze")
 MATMUL_TARGETS = (torch.matmul, torch.ops.aten.matmul.default)
-
-
-class Reject(Exception):
-    pass
 
 
 @dataclass
@@ -345,44 +341,6 @@ def _guard(b: Base):
 # the LoRA adapter on top
 
 
-def _root(node):
-    """Walk back through casts (and at most one dropout); returns (root, exact, has_dropout). exact: the values
-    are the root's (no down-cast on the way)."""
-    exact, dropout = True, False
-    while True:
-        dtype = cast_dtype(node)
-        if dtype is not None:
-            src = value(node.args[0])
-            if src is None or not src.dtype.is_floating_point or dtype.itemsize < src.dtype.itemsize:
-                exact = False  # a down-cast rounds: the kernel must see the rounded values
-            node = node.args[0]
-        elif is_call(node, DROPOUT_TARGETS) and not dropout:
-            inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
-            if inplace:
-                raise Reject("in-place dropout on the adapter input")
-            dropout = True
-            node = node.args[0]
-        else:
-            return node, exact, dropout
-
-
-def _adapter_branch(node):
-    """If `node` looks like a LoRA adapter output `(linear(linear(_, A), B) * s).to?(dtype)`, return the nodes
-    (cast or None, mul or None, u); else None. Checks come later: this only says "an adapter is here"."""
-    cast = None
-    if cast_dtype(node) is not None:
-        cast, node = node, node.args[0]
-    mul = None
-    if is_call(node, MUL_TARGETS) and len(node.args) == 2:
-        for i in (0, 1):
-            if is_call(node.args[i], LINEAR_TARGETS) and is_call(linear_args(node.args[i])[0], LINEAR_TARGETS):
-                mul, node = node, node.args[i]
-                break
-    if is_call(node, LINEAR_TARGETS) and is_call(linear_args(node)[0], LINEAR_TARGETS):
-        return cast, mul, node
-    return None
-
-
 def _r_chain(g):
     """The base result after Linear4bit's cast back and PEFT's clone: [g, casts/clones...] while single-use."""
     chain = [g]
@@ -399,7 +357,7 @@ def match_adapter(b: Base) -> Adapter | None:
     there but cannot go into the kernel."""
     chain = _r_chain(b.g)
     r = chain[-1]
-    found = [(u, _adapter_branch(u.args[1] if u.args[0] is r else u.args[0])) for u in r.users
+    found = [(u, adapter_branch(u.args[1] if u.args[0] is r else u.args[0])) for u in r.users
              if is_call(u, ADD_TARGETS) and len(u.args) == 2 and not u.kwargs]
     found = [(u, br) for u, br in found if br is not None]
     if not found:
@@ -411,25 +369,18 @@ def match_adapter(b: Base) -> Adapter | None:
     xl, lora_a, a_bias = linear_args(t)
     if a_bias is not None or b_bias is not None:
         raise Reject("adapter matrix with a bias")
-    scaling = 1.0
-    if mul is not None:
-        other = mul.args[1] if mul.args[0] is u else mul.args[0]
-        if isinstance(other, fx.Node) and value(other) is None:
-            raise Reject("adapter scale is a runtime number (Dynamo made the float dynamic): not supported")
-        if not isinstance(other, (int, float)) or isinstance(other, bool):
-            raise Reject("adapter output is scaled by a tensor (DoRA or a custom scale): not supported")
-        scaling = float(other)
+    scaling = 1.0 if mul is None else adapter_scale(mul, u)
     for node, what in ((t, "adapter hidden x@A^T"), (u, "adapter output"), (mul, "scaled adapter output"),
                        (cast, "cast adapter output")):
         if node is not None and len(node.users) != 1:
             raise Reject(f"{what} is also used elsewhere ({len(node.users)} users)")
-    root, exact_l, dropout = _root(xl)
-    xroot, exact_x, x_dropout = _root(b.x)
+    root, exact_l, dropout = adapter_root(xl)
+    xroot, exact_x, x_dropout = adapter_root(b.x)
     if root is not xroot or x_dropout:
         raise Reject("base linear and adapter read different inputs")
     nxt = only_user(add)
     if nxt is not None and is_call(nxt, ADD_TARGETS) and any(
-            a is not add and _adapter_branch(a) for a in nxt.args):
+            a is not add and adapter_branch(a) for a in nxt.args):
         raise Reject("several active adapters on one layer: not supported")
     gv, addv, av, bv = value(b.g), value(add), value(lora_a), value(lora_b)
     if any(v is None for v in (gv, addv, av, bv)) or tuple(addv.shape) != tuple(gv.shape):
@@ -494,7 +445,7 @@ def _rewrite(gm, b: Base, ad: Adapter | None, order):
         dead += ad.consumed
         # the adapter-input casts die too when the op reads x directly
         node = ad.xl
-        while ad.x_lora is None and isinstance(node, fx.Node) and node is not _root(b.x)[0]:
+        while ad.x_lora is None and isinstance(node, fx.Node) and node is not adapter_root(b.x)[0]:
             dead.append(node)
             node = node.args[0]
     _erase(graph, dead, order)

@@ -30,21 +30,17 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxopt.passes.graph_utils import ADD_TARGETS, MUL_TARGETS, cast_dtype, is_call, is_method, module_path, static_int, value
+from fxopt.passes.graph_utils import (
+    FLOATS, ADD_TARGETS, MUL_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, static_int, value)
 from fxopt.report import MatchRecord
 
 NAME = "rms_norm"
 DESCRIPTION = "RMSNorm (fp32 normalisation, weight before or after the cast back) + residual add -> fxopt::rms_norm"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MEAN_TARGETS = (torch.mean, torch.ops.aten.mean.dim)
 RSQRT_TARGETS = (torch.rsqrt, torch.ops.aten.rsqrt.default)
 SQRT_TARGETS = (torch.sqrt, torch.ops.aten.sqrt.default)
 POW_TARGETS = (torch.pow, operator.pow, torch.ops.aten.pow.Tensor_Scalar)
 DIV_TARGETS = (operator.truediv, torch.div, torch.true_divide)
-
-
-class Reject(Exception):
-    pass
 
 
 @dataclass

@@ -12,15 +12,10 @@ from hypothesis import given, settings, strategies as st
 
 from fxopt.kernels import moe as mk
 from fxopt.kernels.moe import ACTIVATIONS, reference
+from tests.kernels import numerics
+from tests.kernels.numerics import TOL
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(mk, "_new_output",
-                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 @pytest.fixture(autouse=True)
@@ -32,14 +27,11 @@ def fixed_tiles(request, monkeypatch):
 
 
 def rel(a, b):
-    """||a - b|| / ||b||, with ||b|| floored at 1% of the RMS that the test data gives its values (about 1:
-    inputs are unit-variance, weights scaled by fan-in). The floor only matters for a degenerate draw whose
-    whole output is one near-cancelling dot product (e.g. T = 1, E = 1, I = 1), where even torch's fp32 math
-    of the reference is off by more than the fp32 tolerance."""
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
-    floor = 1e-2 * max(1, int(torch.count_nonzero(b))) ** 0.5
-    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+    """||b|| floored at 1% of the RMS that the test data gives its values (about 1: inputs are unit-variance,
+    weights scaled by fan-in). The floor only matters for a degenerate draw whose whole output is one
+    near-cancelling dot product (e.g. T = 1, E = 1, I = 1), where even torch's fp32 math of the reference is
+    off by more than the fp32 tolerance."""
+    return numerics.rel(a, b, floor=1e-2 * max(1, int(torch.count_nonzero(b))) ** 0.5)
 
 
 def make_ids(T, E, k, routing, g):

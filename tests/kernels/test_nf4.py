@@ -23,21 +23,10 @@ from hypothesis import given, settings, strategies as st
 import bitsandbytes.functional as BF
 from fxopt.kernels import nf4
 from fxopt.kernels.nf4 import linear_4bit_fn, lora_linear_4bit_fn, quant_args
+from tests.kernels.numerics import TOL, rel
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEADS = [(1,), (3,), (16,), (17,), (2, 5), (33,)]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(nf4, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def quantize(n, k, quant_type, blocksize, double, seed, device=DEVICE, dtype=torch.float32, storage=torch.uint8):

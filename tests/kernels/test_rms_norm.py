@@ -13,14 +13,9 @@ from hypothesis import given, settings, strategies as st
 
 from fxopt.kernels import rms_norm as rk
 from fxopt.kernels.rms_norm import reference, rms_norm_fn
+from tests.kernels.numerics import TOL, rel
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(rk, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
 
 @contextlib.contextmanager
@@ -34,12 +29,6 @@ def max_block(n, one_row_tiles=False):
         yield
     finally:
         rk.MAX_BLOCK_N, rk.TILE = old
-
-
-def rel(a, b, floor=0.0):
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite output (an element left unwritten?)"
-    return ((a - b).norm() / max(b.norm().item(), floor, 1e-30)).item()
 
 
 def run_case(lead, n, dtype, residual, cast_then_scale, w_dtype=None, w_grad=True, use_s=True,

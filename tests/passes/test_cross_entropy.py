@@ -8,26 +8,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 import fxopt
-from tests.models import COMMON, TARGETS, batch, lora_grads, rel_err, tiny_lora_model, twin
+from tests.models import COMMON, TARGETS, assert_same_training, batch, rel_err, tiny_lora_model, twin
 
 torch._dynamo.config.cache_size_limit = 64
-
-
-def _step(model, **b):
-    model.zero_grad(set_to_none=True)
-    out = model(**b)
-    out.loss.backward()
-    return out, lora_grads(model)
-
-
-def _check_equal(model, ref, **b):
-    out, grads = _step(model, **b)
-    ref_out, ref_grads = _step(ref, **b)
-    assert rel_err(out.loss, ref_out.loss) < 1e-5, (out.loss, ref_out.loss)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
-    return out
 
 
 def _ce_records(model):
@@ -42,7 +25,8 @@ def test_loss_fused_and_equal(family):
     fxopt.optimize(model, inner_backend="aot_eager")
     b = batch()
     b["labels"][0, :5] = -100  # ignored positions count neither in the sum nor in the mean
-    out = _check_equal(model, ref, **b)
+    assert_same_training(model, ref, b)
+    out = model(**b)
     matched, rejected = _ce_records(model)
     assert len(matched) == 1 and not rejected
     assert "lm_head" in matched[0].location
@@ -67,7 +51,9 @@ def test_keep_logits_leaves_the_loss_unfused():
     model = tiny_lora_model("llama")
     ref = twin(model)
     fxopt.optimize(model, inner_backend="aot_eager", keep_logits=True)
-    out = _check_equal(model, ref, **batch())
+    b = batch()
+    assert_same_training(model, ref, b)
+    out = model(**b)
     assert out.logits.shape == (2, 16, 128)
     matched, rejected = _ce_records(model)
     assert not matched and "keep_logits" in rejected[0].reason
@@ -78,7 +64,7 @@ def test_sum_reduction_with_num_items_in_batch():
     model = tiny_lora_model("llama")
     ref = twin(model)
     fxopt.optimize(model, inner_backend="aot_eager")
-    _check_equal(model, ref, **batch(), num_items_in_batch=torch.tensor(27))
+    assert_same_training(model, ref, dict(batch(), num_items_in_batch=torch.tensor(27)))
     matched, _ = _ce_records(model)
     assert "reduction=sum" in matched[0].reason
 
@@ -95,7 +81,7 @@ def test_gemma2_softcap():
                 p.normal_(0, 0.05)
     ref = twin(model)
     fxopt.optimize(model, inner_backend="aot_eager")
-    _check_equal(model, ref, **batch())
+    assert_same_training(model, ref, batch())
     matched, _ = _ce_records(model)
     assert len(matched) == 1 and "softcap=3" in matched[0].reason
 
@@ -107,7 +93,7 @@ def test_inductor_and_no_recompile_on_new_length():
     ref = twin(model)
     fxopt.optimize(model)  # Inductor
     for seq in (16, 24, 31, 17):
-        _check_equal(model, ref, **batch(seq=seq))
+        assert_same_training(model, ref, batch(seq=seq))
         if seq == 24:  # the first change marks the length dynamic: one more compile, then none
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs

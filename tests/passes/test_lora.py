@@ -3,29 +3,17 @@ import torch
 import pytest
 
 import fxopt
-from fxopt.kernels import lora as lora_kernels  # noqa: F401
-from tests.models import TARGETS, batch, lora_grads, rel_err, tiny_lora_model, twin
+from tests.models import (
+    TARGETS, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err, tiny_lora_model,
+    twin)
 
 torch._dynamo.config.cache_size_limit = 64
-
-
-def _train_step(model, b):
-    model.zero_grad(set_to_none=True)
-    out = model(**b)
-    out.loss.backward()
-    return out.loss.detach(), lora_grads(model)
 
 
 def _compare(model, **opts):
     ref = twin(model)
     fxopt.optimize(model, inner_backend="aot_eager", **opts)
-    b = batch()
-    loss, grads = _train_step(model, b)
-    ref_loss, ref_grads = _train_step(ref, b)
-    assert rel_err(loss, ref_loss) < 1e-5, (loss, ref_loss)
-    assert grads.keys() == ref_grads.keys() and len(grads) > 0
-    for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+    assert_same_training(model, ref, batch())
     return fxopt.report(model)
 
 
@@ -71,16 +59,11 @@ def test_rslora_scale():
 
 def test_bf16_base_with_fp32_adapters():
     model = tiny_lora_model("llama", dtype=torch.bfloat16)
-    ref = twin(model)
+    eager, ref32 = twin(model), twin(model).float()
     assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
     fxopt.optimize(model, inner_backend="aot_eager")
-    b = batch()
-    loss, grads = _train_step(model, b)
-    ref_loss, ref_grads = _train_step(ref, b)
+    assert_no_less_accurate(model, eager, ref32, batch())
     assert len(_matched_modules(fxopt.report(model))) == 7
-    assert rel_err(loss, ref_loss) < 1e-2
-    for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 2e-2, name  # bf16 activations through 2 layers
 
 
 def test_dropout_is_kept_train_drops_eval_does_not():
@@ -133,16 +116,9 @@ def test_disable_by_name_leaves_graph_alone():
 
 
 def test_no_recompile_when_sequence_length_changes():
-    from torch._dynamo.utils import counters
-
     model = tiny_lora_model("llama")
     fxopt.optimize(model, inner_backend="aot_eager")
-    _train_step(model, batch(seq=16))
-    _train_step(model, batch(seq=24))  # the first change marks the length dynamic: one more compile
-    before = counters["stats"]["unique_graphs"]
-    for seq in (32, 17, 40):
-        _train_step(model, batch(seq=seq))
-    assert counters["stats"]["unique_graphs"] == before
+    assert_no_recompile(model, (16, 24, 32, 17, 40))
 
 
 def test_no_graph_break_added():

@@ -1,0 +1,57 @@
+"""What every kernel family shares: when the Triton kernels run (compiled on CUDA, interpreted on the CPU under
+TRITON_INTERPRET=1), where their outputs come from, and how they are launched."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # no Triton (e.g. macOS): every op runs its torch math
+    triton = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreted(kernel) -> bool:
+    """With TRITON_INTERPRET=1 set before import, @triton.jit returns the interpreter's InterpretedFunction
+    (triton 3.x). Each family asks its own kernel object, not the environment at call time (DESIGN.md)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def use_triton(is_interpreted: bool, *tensors: Tensor | None, bf16_interpreted: bool = False) -> bool:
+    """Whether an op runs its Triton kernels on these tensors: always on CUDA, on the CPU only when its kernels
+    are interpreted. There, bf16 takes the torch math unless the family says its kernels are right in bf16
+    (the interpreter's tl.dot on bf16 operands is wrong and its fp32 -> bf16 cast truncates): those are
+    tested on the GPU. Dtypes the kernels do not take (e.g. float64) always take the torch math."""
+    ts = [t for t in tensors if t is not None]
+    if triton is None or any(t.dtype not in KERNEL_DTYPES for t in ts):
+        return False
+    if ts[0].is_cuda:
+        return True
+    return (is_interpreted and ts[0].device.type == "cpu"
+            and (bf16_interpreted or all(t.dtype != torch.bfloat16 for t in ts)))
+
+
+def new_output(shape, dtype, device) -> Tensor:
+    """Every buffer a kernel writes is allocated through its module's `_new_output` (this function): tests
+    replace it there to poison outputs with NaN, so an element left unwritten fails."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
+    """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
+    meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
+    autotuning is pointless, and what a caller gets that turned tuning off."""
+    with on_device(device):
+        if tuned is not None:
+            tuned[grid](*args, **flags)
+        else:
+            kernel[grid(fixed)](*args, **flags, **fixed)
