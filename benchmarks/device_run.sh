@@ -3,6 +3,7 @@
 # ../shared/tools/device-wheels.sh carried in .whl/). Usage: bash benchmarks/device_run.sh STAGE...
 #   tests   the GPU tests (pytest -m gpu)          kernels  the kernel microbenchmarks
 #   dense   train_step.py on the dense workload for every setup, profile of one step each
+#   train   train_step.py on $WORKLOADS (comma-separated, default qlora,moe,moe-big) for $SETUPS
 # Everything is written under $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -15,9 +16,12 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gp
 for stage in "$@"; do
   case $stage in
     tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -s -p no:cacheprovider -p no:logging --tb=short ${TESTS:-tests} 2>&1 | grep -v "^DEBUG" | tail -150 > "$OUT/gpu-tests.txt" ;;
-    kernels) for b in benchmarks/bench_*.py; do python3 "$b" --out "$OUT" 2>&1 | tail -40 > "$OUT/$(basename "$b" .py).txt"; done ;;
+    kernels) for b in ${BENCHES:-benchmarks/bench_*.py}; do python3 "$b" --out "$OUT" 2>&1 | tail -40 > "$OUT/$(basename "$b" .py).txt"; done ;;
     dense) python3 benchmarks/train_step.py --workloads dense --setups "${SETUPS:-eager,compile,liger,fxopt}" \
              --out "$OUT" --profile "$OUT/profiles" --timeout 400 2>&1 | tail -30 > "$OUT/train-dense.txt" ;;
+    train) python3 benchmarks/train_step.py --workloads "${WORKLOADS:-qlora,moe,moe-big}" \
+             --setups "${SETUPS:-eager,compile,liger,fxopt}" --out "$OUT" --tag "${TAG:-train}" \
+             --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -40 > "$OUT/train-${TAG:-train}.txt" ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
 done

@@ -56,8 +56,11 @@ WORKLOADS = {
     "dense8k": ("LlamaConfig", DENSE, LORA_ALL, 1, 8192),
     "moe": ("Qwen3MoeConfig", MOE, LORA_ATTN, 4, 2048),
     "moe-big": ("Qwen3MoeConfig", MOE_BIG, LORA_ATTN, 4, 2048),
-    "qlora": None,  # not yet: needs save_pretrained + reload with BitsAndBytesConfig (nf4) and bitsandbytes
+    # the dense model saved with save_pretrained, reloaded in 4 bits (nf4, double quant, bf16 compute) and
+    # prepared with peft's prepare_model_for_kbit_training: the recipe of BASELINES.md
+    "qlora": ("LlamaConfig", DENSE, LORA_ALL, 4, 2048),
 }
+QUANTIZED = {"qlora"}
 
 # --size tiny: the same architecture, small enough for a CPU smoke test in seconds.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -138,8 +141,34 @@ def _build_model(args, torch):
     # benchmark. transformers 5 takes `dtype=` (`torch_dtype=` is deprecated and warns; checked on 5.23).
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    if args.workload in QUANTIZED:
+        model = _reload_4bit(model, args, torch)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     return model, cfg, bsz, seq
+
+
+def _reload_4bit(model, args, torch):
+    """save_pretrained, then from_pretrained with bitsandbytes nf4 (double quant, bf16 compute) and
+    prepare_model_for_kbit_training with its defaults, as a QLoRA user does. The model comes back in eval
+    mode, as from_pretrained leaves it; like the BASELINES.md runs, the step does not call train(), so the
+    gradient checkpointing that prepare_model_for_kbit_training enables is inactive (HF checkpoints only in
+    training mode) and dropout is 0 anyway."""
+    import tempfile
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = os.path.join(tempfile.gettempdir(), f"fxopt-bench-{args.workload}-{args.size}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        model.save_pretrained(path)
+    del model
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+    device_map = {"": torch.cuda.current_device()} if args.device == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map=device_map)
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(model)
 
 
 def worker(args, res: dict) -> None:
@@ -159,16 +188,13 @@ def worker(args, res: dict) -> None:
     else:
         res["env"].update(gpu="cpu")
 
-    if WORKLOADS[args.workload] is None:
-        res["error"] = f"not yet: workload {args.workload!r} is not implemented in this script"
-        return
     t0 = time.perf_counter()
     try:
         model, cfg, bsz, seq = _build_model(args, torch)
     except ModuleNotFoundError as e:
         # Only a missing liger_kernel itself is a skip; a broken install (a dependency of it missing) is an error.
-        if e.name == "liger_kernel":
-            res["error"] = "skipped: liger_kernel not installed"
+        if e.name in ("liger_kernel", "bitsandbytes"):
+            res["error"] = f"skipped: {e.name} not installed"
             return
         raise
     if args.setup in ("compile", "liger_compile"):
@@ -180,6 +206,7 @@ def worker(args, res: dict) -> None:
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["experts_implementation"] = getattr(cfg, "_experts_implementation", None)
+    res["training_mode"] = model.training
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1)  # CPU generator: the same ids on every device

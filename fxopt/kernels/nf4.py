@@ -30,6 +30,7 @@ CPU without the interpreter: `dequantize` (a per-call transient copy) and torch 
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -57,6 +58,8 @@ ABSMAX2_BLOCK = 256  # bnb quantizes the absmax blockwise in blocks of 256 under
 
 # Inputs of at most this many rows take the GEMV-style kernel (tests lower it to reach the GEMM with small M).
 GEMV_MAX_M = 16
+# Inputs of at least this many rows (and more than GEMV_MAX_M) take dequantize-then-GEMM (see _dequantized_gemm).
+DEQUANT_MIN_M = 1 << 62 if os.environ.get("FXOPT_NF4_GEMM", "dequant") == "fused" else 0
 
 _INTERPRETED = False
 _code_cache: dict = {}
@@ -132,6 +135,19 @@ if triton is not None:
             else:
                 s_o = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, (e + 1) // BS, k_e + 1 < K, DOUBLE_QUANT)
         return c_e * s_e, c_o * s_o
+
+    @triton.jit
+    def _dequant_kernel(P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT, NK, BS: tl.constexpr,
+                        DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT[e] = W[e] for the flat row-major [N, K] weight, BLOCK packed bytes per program: byte j holds
+        elements 2j (high nibble) and 2j + 1 (low nibble), which share a quantization block (BS is even)."""
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        e = 2 * j
+        inside = e < NK
+        b = tl.load(P + j, mask=inside, other=0).to(tl.int32)
+        scale = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, e // BS, inside, DOUBLE_QUANT)
+        tl.store(OUT + e, (tl.load(CODE + (b >> 4)) * scale).to(OUT.dtype.element_ty), mask=inside)
+        tl.store(OUT + e + 1, (tl.load(CODE + (b & 15)) * scale).to(OUT.dtype.element_ty), mask=e + 1 < NK)
 
     @triton.jit
     def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -450,6 +466,27 @@ def _block_r(r):
     return 16 if r <= 16 else (32 if r <= 32 else 64)
 
 
+def _dequantize_triton(q: _Quant, dtype) -> Tensor:
+    """The [n, k] weight in dtype by the Triton dequantization kernel (the same math as _dequantize)."""
+    nk = q.n * q.k
+    w = _new_output((q.n, q.k), dtype, q.data.device)
+    if nk:
+        block = 256 if _INTERPRETED else 1024
+        launch(_dequant_kernel, None, lambda meta: (triton.cdiv((nk + 1) // 2, meta["BLOCK"]),),
+               (*_quant_ptrs(q), w, nk), dict(BS=q.blocksize, DOUBLE_QUANT=q.double), dict(BLOCK=block),
+               q.data.device)
+    return w
+
+
+def _dequantized_gemm(m: int) -> bool:
+    """Whether an input of m rows (more than GEMV_MAX_M) takes dequantize-then-cuBLAS instead of the fused GEMM
+    kernels. Measured on the H200 (benchmarks/results/*-nf4-kernel.md): at the training shapes the fused kernels
+    reach 18% (forward) and 5% (dX) of the bf16 peak while bnb's dequantize + cuBLAS reaches 80%, so a transient
+    [N, K] copy per call (freed when the call returns, never kept across the step) is the faster path.
+    FXOPT_NF4_GEMM=fused selects the fused kernels (tests also set DEQUANT_MIN_M)."""
+    return m >= DEQUANT_MIN_M
+
+
 def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
             bias: Optional[Tensor]) -> Tensor:
     """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in x.dtype (lo any strides)."""
@@ -494,6 +531,14 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
                x.device)
         return out
 
+    if _dequantized_gemm(M):
+        y = x @ _dequantize_triton(q, x.dtype).t()
+        if has_lora:  # added in the promoted dtype and rounded once, as PEFT adds its adapter
+            y = y + scale * (t @ lo)
+        if has_bias:
+            y = y + bias
+        return out.copy_(y)
+
     args = (x, *ptrs, t, lo, bias, out, M, N, K, R, min(triton.next_power_of_2(M), 8192), *strides)
     flags["PAIRED"] = K % 2 == 0
     def grid(meta):
@@ -519,6 +564,11 @@ def _matmul_dx(dy: Tensor, q: _Quant, u: Optional[Tensor], a: Optional[Tensor], 
 
     has_lora = u is not None and u.shape[1] > 0
     R = u.shape[1] if has_lora else 0
+    if _dequantized_gemm(M):
+        g = dy @ _dequantize_triton(q, dy.dtype)
+        if has_lora:
+            g = g + scale * (u @ a)
+        return dx.copy_(g)
     if not has_lora:
         u, a = dy, dy
     precision = "ieee" if dx.dtype == torch.float32 else "tf32"

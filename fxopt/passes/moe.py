@@ -19,6 +19,12 @@ picks one by `config._experts_implementation`; they are recognised by their ops,
     o = bmm(down[ids], h.unsqueeze(-1)).squeeze(-1) * sw.unsqueeze(-1)
     y = o.view(T, k, H).sum(1)
   then, in both, y.to(x.dtype) when the sum is in another dtype.
+Some transformers versions (seen with 5.17) also mask expert-parallel "sentinel" slots in the grouped form:
+    mask = (sorted_ids >= E).unsqueeze(-1); sorted_ids.clamp_(max=E-1); xg.masked_fill_(mask, 0)
+    p = grouped_mm(...).masked_fill(mask, 0); o = grouped_mm(...).masked_fill(mask, 0) * ...
+Those are no-ops when every id is < E, which the pass proves from the graph (the ids are topk indices over
+a last dim of size E) and then drops with the rest of the block; otherwise it does not match. The same
+version's batched form gathers the weights by ids.clamp(0, E - 1), handled the same way.
 grouped_mm is any of torch.nn.functional.grouped_mm, torch._grouped_mm and the grouped-mm fallback custom op
 transformers uses where those are unavailable under torch.compile (CPU, non-bf16 weights).
 
@@ -90,6 +96,61 @@ def _flat(node, seen, what):
 def _single_use(node, what):
     if len(node.users) != 1:
         raise Reject(f"{what} has another use ({len(node.users)} users): an expert bias or a mask?")
+
+
+def _sentinel_masked(node, masks):
+    """t.masked_fill(mask, 0) with mask = cmp.unsqueeze(-1): returns t and records mask (checked later by
+    _check_sentinels); any other node is returned as it is."""
+    if is_method(node, "masked_fill") and len(node.args) == 3 and node.args[2] == 0 and _unsqueeze_last(node.args[1]):
+        masks.append(node)
+        return node.args[0]
+    return node
+
+
+def _check_sentinels(masks, xg, ids, sort, e, seen):
+    """The sentinel masks of the grouped form (see the module docstring) are all (sorted_ids >= E).unsqueeze(-1)
+    and are no-ops: the ids are topk indices over a last dim of size E, so none is >= E. Also accepts the
+    in-place xg.masked_fill_(mask, 0) and sorted_ids.clamp_(max=E-1) that go with them, and records all of it
+    in `seen` (dropped with the block)."""
+    sorted_ids = next((u for u in sort.users if is_call(u, (operator.getitem,)) and u.args[1] == 0), None)
+    inplace = [u for u in xg.users if is_method(u, "masked_fill_")]
+    clamps = [u for u in (sorted_ids.users if sorted_ids is not None else ()) if is_method(u, "clamp_")]
+    if not (masks or inplace or clamps):
+        return
+    mask_nodes = {m.args[1] for m in masks} | {u.args[1] for u in inplace if len(u.args) == 3}
+    for m in mask_nodes:
+        cmp = m.args[0]
+        if not ((is_call(cmp, (operator.ge, torch.ge)) or is_method(cmp, "ge")) and cmp.args[0] is sorted_ids
+                and len(cmp.args) == 2 and cmp.args[1] == e and len(cmp.users) == 1):
+            raise Reject("the grouped rows are masked by something other than (sorted ids >= E)")
+        seen += [m, cmp]
+    for u in inplace:
+        if len(u.args) != 3 or u.args[2] != 0 or u.users:
+            raise Reject("the gathered tokens are masked in place by something other than a sentinel mask")
+    for c in clamps:
+        if c.users or c.args[1:] or c.kwargs != {"max": e - 1}:
+            raise Reject("the sorted expert ids are clamped in an unexpected way")
+    _ids_below(ids, e, "expert-parallel sentinel masks")
+    seen += masks + inplace + clamps
+
+
+def _ids_below(ids, e, what):
+    """Reject unless ids [T, k] are provably in [0, E): topk indices over a last dim of size E."""
+    top = _uncast(ids, [])
+    src = top.args[0] if is_call(top, (operator.getitem,)) and top.args[1] == 1 else None
+    if not (is_call(src, (torch.topk,)) and _arg(src, 2, "dim", -1) in (-1, value(src.args[0]).dim() - 1)
+            and static_int(value(src.args[0]).shape[-1]) == e):
+        raise Reject(f"{what}, and the expert ids are not provably < E (not topk indices over E scores)")
+
+
+def _unclamped_ids(node, e, seen):
+    """ids.clamp(0, E - 1) -> ids (a no-op on ids in [0, E), which the caller proves); any other node as is."""
+    if is_method(node, "clamp") or is_call(node, (torch.clamp,)):
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        if lo in (0, None) and hi == e - 1:
+            seen.append(node)
+            return node.args[0]
+    return node
 
 
 def _unsqueeze_last(node):
@@ -191,6 +252,8 @@ def _match(out: fx.Node) -> tuple:
         y, sw = sw, y
     if not _unsqueeze_last(sw):
         return None
+    masks = []
+    y = _sentinel_masked(y, masks)
     grouped = _is_grouped_mm(y)
     if not grouped and not (is_method(y, "squeeze") and is_call(y.args[0], (torch.bmm,))):
         return None
@@ -203,6 +266,7 @@ def _match(out: fx.Node) -> tuple:
         h, down, offs = _grouped_mm_args(y, seen, "down projection")
         seen.append(y)
         p, act = _gated(h, seen)
+        p = _sentinel_masked(p, masks)
         if not _is_grouped_mm(p):
             raise Reject("gate/up projection is not a grouped GEMM")
         xg, gate_up, offs_p = _grouped_mm_args(p, seen, "gate/up projection")
@@ -212,7 +276,8 @@ def _match(out: fx.Node) -> tuple:
         # x[perm // k]
         if not (is_call(xg, (operator.getitem,)) and is_call(xg.args[1], (operator.floordiv,))):
             raise Reject("gate/up projection does not read x gathered by perm // k")
-        _single_use(xg, "the gathered tokens")
+        if len([u for u in xg.users if not is_method(u, "masked_fill_")]) != 1:
+            raise Reject(f"the gathered tokens have another use ({len(xg.users)} users)")
         x, fd = xg.args
         perm, k = fd.args
         seen += [xg, fd]
@@ -230,6 +295,7 @@ def _match(out: fx.Node) -> tuple:
         seen.append(swg)
         weights = _flat(swg.args[0], seen, "routing weights")
         _check_offsets(offs, sort, gate_up, seen)
+        _check_sentinels(masks, xg, ids, sort, static_int(value(gate_up).shape[0]), seen)
         # undo the sort: inv = empty_like(perm); inv[perm] = arange(S); o[inv]
         if inv is None:
             raise Reject("the sorted rows are not put back in token order by an inverse permutation")
@@ -255,7 +321,11 @@ def _match(out: fx.Node) -> tuple:
         _single_use(xr, "the repeated tokens")
         seen.append(xr)
         x, k = xr.args[0], _arg(xr, 1, "repeats")
-        ids = _flat(ids_d, seen, "expert ids")
+        e = static_int(value(gate_up).shape[0]) if value(gate_up) is not None else None
+        unclamped = _unclamped_ids(ids_d, e, seen)
+        ids = _flat(unclamped, seen, "expert ids")
+        if unclamped is not ids_d:  # transformers 5.17 clamps the ids into [0, E - 1]
+            _ids_below(ids, e, "the expert ids are clamped")
         weights = _flat(sw.args[0], seen, "routing weights")
     if _arg(out, 1, "dim") not in (1, [1], (1,)) or _arg(out, 2, "keepdim", False) or "dtype" in out.kwargs:
         raise Reject("the k slots are not summed by sum(dim=1)")

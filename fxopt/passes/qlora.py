@@ -196,12 +196,15 @@ def parse_apply(apply: fx.Node, gm: fx.GraphModule) -> Base:
         raise Reject("autograd.Function bodies are not graphs")
     inputs = _body_inputs(apply, fwd)
 
-    # the forward's result: ((out,), saved) in torch 2.1x, (out, saved) in older versions
+    # the forward's result: ((out, *extra), saved) in torch 2.1x, (out, saved) in older versions. On CUDA
+    # (torch 2.11, bnb 0.50) Dynamo also returns the packed weight's view that the backward reads:
+    # ((out, B.view(-1, 1)), saved). Extra outputs are fine as long as the outer graph only reads out (checked
+    # below: the apply's only user must be getitem 0).
     res = _output(fwd)
     res = res[0] if isinstance(res, (tuple, list)) else res
     if isinstance(res, (tuple, list)):
-        if len(res) != 1:
-            raise Reject("the autograd.Function returns several outputs")
+        if not res:
+            raise Reject("the autograd.Function returns nothing")
         res = res[0]
     x, qweight, scales, bias, n, k, blocksize, quant_type = _read_matmul(res, inputs)
     _check_backward(bwd, list(inputs.values()), x, bias)

@@ -44,17 +44,21 @@ def bnb_weight(qweight, state) -> torch.Tensor:
     return BF.dequantize_4bit(qweight, one_row).reshape(n, k)
 
 
-class gemv_limit:
-    """Sets nf4.GEMV_MAX_M for a block (0: every input takes the GEMM kernels)."""
+class kernel_path:
+    """Which kernels an input takes, for a block: "gemv" (M <= 16 the GEMV kernel, larger M the fused GEMM),
+    "fused" (the fused dequant-in-K-loop GEMM kernels for every M), "dequant" (the dequantization kernel then
+    a matmul, for every M where the GEMV kernel does not apply) or "default" (the module's settings)."""
+    SETTINGS = {"gemv": (16, 1 << 62), "fused": (0, 1 << 62), "dequant": (0, 0)}
 
-    def __init__(self, m):
-        self.m = m
+    def __init__(self, path):
+        self.path = path
 
     def __enter__(self):
-        self.old, nf4.GEMV_MAX_M = nf4.GEMV_MAX_M, self.m
+        self.old = nf4.GEMV_MAX_M, nf4.DEQUANT_MIN_M
+        nf4.GEMV_MAX_M, nf4.DEQUANT_MIN_M = self.SETTINGS.get(self.path, self.old)
 
     def __exit__(self, *exc):
-        nf4.GEMV_MAX_M = self.old
+        nf4.GEMV_MAX_M, nf4.DEQUANT_MIN_M = self.old
 
 
 def make_case(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, lora, seed, device):
@@ -124,25 +128,25 @@ def k_for(blocksize, aligned, k_blocks, k_raw):
 COMMON = dict(n=st.integers(1, 70), quant_type=st.sampled_from(["nf4", "fp4"]), double=st.booleans(),
               blocksize=st.sampled_from([32, 64, 128, 256]), aligned=st.booleans(), k_blocks=st.integers(1, 3),
               k_raw=st.integers(1, 150), dtype=st.sampled_from([torch.float32, torch.float16]),
-              bias=st.booleans(), noncontig=st.booleans(), gemv=st.booleans(), seed=st.integers(0, 2 ** 16))
+              bias=st.booleans(), noncontig=st.booleans(), path=st.sampled_from(["gemv", "fused", "dequant"]), seed=st.integers(0, 2 ** 16))
 
 
 @settings(max_examples=25, deadline=None)
 @given(lead=st.sampled_from(LEADS), **COMMON)
 def test_linear_matches_bnb(lead, n, quant_type, double, blocksize, aligned, k_blocks, k_raw, dtype, bias, noncontig,
-                            gemv, seed):
+                            path, seed):
     k = k_for(blocksize, aligned, k_blocks, k_raw)
-    with gemv_limit(16 if gemv else 0):
+    with kernel_path(path):
         check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, None, seed)
 
 
 @settings(max_examples=20, deadline=None)
 @given(lead=st.sampled_from(LEADS), rank=st.integers(1, 40), adapter32=st.booleans(), dropout=st.booleans(), **COMMON)
 def test_lora_matches_bnb(lead, rank, adapter32, dropout, n, quant_type, double, blocksize, aligned, k_blocks, k_raw,
-                          dtype, bias, noncontig, gemv, seed):
+                          dtype, bias, noncontig, path, seed):
     k = k_for(blocksize, aligned, k_blocks, k_raw)
     adapter = torch.float32 if adapter32 else dtype  # PEFT keeps fp32 adapters over a half base
-    with gemv_limit(16 if gemv else 0):
+    with kernel_path(path):
         check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, (rank, adapter, dropout), seed)
 
 
@@ -195,6 +199,18 @@ def test_dequantize_matches_bnb(n, k, quant_type, double, blocksize, dtype, seed
     qweight, state = quantize(n, k, quant_type, blocksize, double, seed, "cpu", dtype)
     ours = nf4.dequantize(*quant_args(qweight, state), dtype=dtype)
     assert torch.equal(ours, bnb_weight(qweight, state))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 300), quant_type=st.sampled_from(["nf4", "fp4"]), double=st.booleans(),
+       blocksize=st.sampled_from(nf4.BLOCKSIZES), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 2 ** 16))
+def test_dequantize_kernel_matches_bnb(n, k, quant_type, double, blocksize, dtype, seed):
+    """The Triton dequantization kernel (the dequantize-then-GEMM path) is bit-exact with bitsandbytes too
+    (odd n * k included: the last byte holds one element)."""
+    qweight, state = quantize(n, k, quant_type, blocksize, double, seed, DEVICE, dtype)
+    q = nf4._quant(*quant_args(qweight, state))
+    assert torch.equal(nf4._dequantize_triton(q, dtype), bnb_weight(qweight, state))
 
 
 def test_bnb_truth_is_bnb_layout():
@@ -290,8 +306,8 @@ def test_bf16_gpu(adapter, dims):
     for d in lead:
         rows *= d
     for quant_type, double in (("nf4", True), ("fp4", False)):
-        for gemv in ((16, 0) if rows <= 16 else (16,)):  # a few rows: the GEMV kernel and the GEMM kernels
-            with gemv_limit(gemv):
+        for path in ("gemv", "fused", "dequant") if rows <= 16 else ("fused", "dequant"):
+            with kernel_path(path):
                 dropout = double  # dropout input with one quant type, none with the other
                 lora = None if adapter is None else (16, adapter, dropout)
                 check(lead, n, k, quant_type, blocksize, double, torch.bfloat16, True, False, lora, 0, device="cuda")
