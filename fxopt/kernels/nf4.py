@@ -75,7 +75,10 @@ def code_table(quant_type: str, device) -> Tensor:
             t = torch.tensor(_FP4, dtype=torch.float32) / 12.0
         else:
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        _code_cache[key] = t.to(device)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # a real tensor even when first asked for while tracing
+            _code_cache[key] = t.to(device)
     return _code_cache[key]
 
 

@@ -421,6 +421,15 @@ def _quant_args(b: Base):
 def _rewrite(gm, b: Base, ad: Adapter | None, order):
     graph = gm.graph
     consts = (b.n, b.k, b.blocksize, b.quant_type)
+    # The op looks its code table up in a per-device cache. Fill it now, at compile time: created inside the
+    # first (CUDA-graph) run, it would be an allocation of the graph's private pool that outlives the run,
+    # which Inductor's CUDA graph trees refuse ("tensor(s) in the cudagraph pool not tracked as outputs",
+    # seen on the H200 with the qlora workload).
+    qv = value(b.qweight)
+    if qv is not None and qv.device.type == "cuda":
+        from fxopt.kernels.nf4 import code_table
+
+        code_table(b.quant_type, qv.device)
     dead = [b.g] + ([b.apply, *b.apply.args[:2]] if b.apply is not None else [])
     if ad is None:
         with graph.inserting_before(b.g):
