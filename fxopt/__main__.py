@@ -1,4 +1,4 @@
-"""Command line: `python -m fxopt demo` (the main job) and `python -m fxopt explain`."""
+"""Command line: `python -m fxopt demo` (the main job), `python -m fxopt explain` and `python -m fxopt bench`."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,11 @@ def main(argv=None):
     ex.add_argument("--model", required=True, help="a transformers config class name (e.g. LlamaConfig) or a local path")
     ex.add_argument("--no-lora", dest="lora", action="store_false", help="do not add PEFT LoRA adapters")
     ex.add_argument("--seq", type=int, default=32)
+    from fxopt import bench as _bench  # stdlib only at import: --help stays fast
+
+    bench = sub.add_parser("bench", help="benchmark training steps: eager, torch.compile, Liger-Kernel, fxopt",
+                           description=_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bench.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from fxopt.demo import run_demo
@@ -54,6 +59,8 @@ def main(argv=None):
         run_demo(args.size, args.steps, args.device)
     elif args.command == "explain":
         _explain(args)
+    elif args.command == "bench":
+        return _bench.run(args, bench)
     return 0
 
 

@@ -80,6 +80,8 @@ def run_passes(gm: torch.fx.GraphModule, config: OptimizeConfig, ctx: PassContex
         try:
             records += p.run(gm, ctx)
         except Exception as e:  # fall back to the graph before this pass
+            if os.environ.get("FXOPT_DEBUG_PASSES"):
+                raise
             gm.graph = snapshot
             gm.recompile()
             warnings.warn(f"fxopt: pass {p.NAME!r} failed on {ctx.graph_name} and was skipped: {e!r}")

@@ -13,6 +13,7 @@ layer, a bias on an adapter matrix, and any intermediate value used elsewhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -65,6 +66,26 @@ def adapter_root(xl):
             node = node.args[0]
             continue
         return node, exact, has_dropout
+
+
+def _chain_to(xl, stop):
+    """(exact, has_dropout) of the adapter input's chain from xl back to `stop` (casts and dropouts only, the
+    rules of adapter_root, which has already checked the whole chain); None when the chain does not pass stop."""
+    exact, has_dropout, node = True, False, xl
+    while node is not stop:
+        if not isinstance(node, fx.Node) or not node.args:
+            return None
+        dtype = cast_dtype(node)
+        if dtype is not None:
+            src = value(node.args[0])
+            if src is None or not src.dtype.is_floating_point or dtype.itemsize < src.dtype.itemsize:
+                exact = False
+        elif is_call(node, DROPOUT_TARGETS):
+            has_dropout = True
+        else:
+            return None
+        node = node.args[0]
+    return exact, has_dropout
 
 
 def adapter_branch(node):
@@ -131,7 +152,13 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
         raise Reject("the adapter is not added to a linear of the same input")
     rx, weight, bias = linear_args(r)
     if rx is not x:
-        raise Reject("base linear and adapter read different inputs")
+        # the base may read a node on the adapter input's chain (x itself a cast, or a dropout output of an
+        # earlier layer): then that node is x, and only the part of the chain after it belongs to the adapter
+        seg = _chain_to(xl, rx)
+        if seg is None:
+            raise Reject("base linear and adapter read different inputs")
+        x, (exact, has_dropout) = rx, seg
+        x_lora = xl if has_dropout or not exact else None
     _check_single_use(r, "base linear output")
     consumed += [r, add]
 
@@ -182,20 +209,39 @@ def _guard(x, x_lora, weight, bias, lora_a, lora_b):
         raise Reject("adapter input of another shape")
 
 
-def _group(matches):
-    """Matches that read the same x without dropout share one op (horizontal fusion); others stay alone."""
-    groups: dict = {}
-    for m in matches:
-        key = (m.x, value(m.lora_a).dtype) if m.x_lora is None else id(m)
-        groups.setdefault(key, []).append(m)
-    return list(groups.values())
+def _group(matches, order):
+    """Matches that read the same x without dropout share one op (horizontal fusion); others stay alone.
+    The op goes after the last of its group's inputs, so a member joins a group only if that point still
+    precedes every use of every member's output (else it starts a new group: e.g. one output is read before
+    the other linear's weight is computed)."""
+    groups, current = [], {}
+    for m in sorted(matches, key=lambda m: order[m.out]):
+        key = (m.x, value(m.lora_a).dtype) if m.x_lora is None else None
+        g = current.get(key) if key is not None else None
+        if g is not None and _fits(g + [m], order):
+            g.append(m)
+            continue
+        groups.append([m])
+        if key is not None:
+            current[key] = groups[-1]
+    return groups
+
+
+def _inputs(group):
+    m0 = group[0]
+    return [m0.x, m0.x_lora] + [n for m in group for n in (m.weight, m.bias, m.lora_a, m.lora_b)]
+
+
+def _fits(group, order) -> bool:
+    last_input = max(order[n] for n in _inputs(group) if isinstance(n, fx.Node))
+    return all(order[u] > last_input for m in group for u in m.out.users)
 
 
 def _rewrite(gm, group, order):
     graph = gm.graph
     m0 = group[0]
-    inputs = [m0.x, m0.x_lora] + [n for m in group for n in (m.weight, m.bias, m.lora_a, m.lora_b)]
-    anchor = max((n for n in inputs if isinstance(n, fx.Node)), key=order.__getitem__)
+    anchor = max((n for n in _inputs(group) if isinstance(n, fx.Node)), key=order.__getitem__)
+    replaced = {}
     args = (m0.x, [m.weight for m in group], [m.bias for m in group if m.bias is not None],
             [m.lora_a for m in group], [m.lora_b for m in group], [m.scaling for m in group], m0.x_lora,
             [m.bias is not None for m in group])
@@ -209,6 +255,7 @@ def _rewrite(gm, group, order):
             item = graph.call_function(operator.getitem, (op, i))
         item.meta.update(m.out.meta)
         m.out.replace_all_uses_with(item)
+        replaced[m.out] = item
         prev = item
     for m in group:
         dead = list(m.consumed)
@@ -220,6 +267,7 @@ def _rewrite(gm, group, order):
         for n in sorted(set(dead), key=order.__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
+    return replaced
 
 
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
@@ -235,8 +283,14 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             where = ctx.locate(linear_args(node)[1], module_path(node, ctx.prefix))
             records.append(MatchRecord(NAME, where, "rejected", str(e), ctx.graph_name))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for group in _group(matches):
-        _rewrite(gm, group, order)
+    replaced = {}  # out of an already rewritten match -> the node that now carries its value
+    for group in _group(matches, order):
+        # a later match may read an earlier one's output (stacked LoRA linears): point it at the new node
+        group = [dataclasses.replace(m, **{f: replaced.get(getattr(m, f), getattr(m, f))
+                                           for f in ("x", "x_lora", "weight", "bias", "lora_a", "lora_b")})
+                 for m in group]
+        replaced.update(_rewrite(gm, group, order))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         names = [m.location for m in group]
         for m in group:
             fused = f" (one op with {', '.join(n.rsplit('.', 1)[-1] for n in names if n != m.location)})" if len(group) > 1 else ""
