@@ -149,10 +149,9 @@ def _build_model(args, torch):
 
 def _reload_4bit(model, args, torch):
     """save_pretrained, then from_pretrained with bitsandbytes nf4 (double quant, bf16 compute) and
-    prepare_model_for_kbit_training with its defaults, as a QLoRA user does. The model comes back in eval
-    mode, as from_pretrained leaves it; like the BASELINES.md runs, the step does not call train(), so the
-    gradient checkpointing that prepare_model_for_kbit_training enables is inactive (HF checkpoints only in
-    training mode) and dropout is 0 anyway."""
+    prepare_model_for_kbit_training with its defaults (gradient checkpointing enabled), as a QLoRA user does.
+    The step does not call train() itself, like the BASELINES.md runs; the mode the model is in is recorded
+    in the results (`training_mode`; True in the 2026-11-26 H200 runs, after get_peft_model)."""
     import tempfile
 
     from peft import prepare_model_for_kbit_training
