@@ -292,10 +292,14 @@ def test_inductor_gpu_two_token_counts():
 
     compiled = torch.compile(fn, dynamic=True)
     for i, n in enumerate((1000, 517)):
-        xi = x[:n].detach().requires_grad_()
+        # copies, not views: a view's base size would be guarded too (duck-sized equal to x's at n = 1000)
+        xi = x[:n].clone().requires_grad_()
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            out = compiled(xi, labels[:n])
+            out = compiled(xi, labels[:n].clone())
         (dx,) = torch.autograd.grad(out, [xi])
-        want = fn(xi, labels[:n])
-        (wdx,) = torch.autograd.grad(want, [xi])
-        assert rel(out, want) < 1e-5 and rel(dx, wdx) < 1e-5
+        # against float64 math at the bf16 tolerance: compiled and eager bf16 runs round the 1/count scaling
+        # of dx at different points (seen on the H200: 3.7e-3 apart, both within bf16 of the truth)
+        x64 = xi.detach().double().requires_grad_()
+        want = linear_cross_entropy_fn(x64, w.double(), None, labels[:n]) / (labels[:n] != -100).sum()
+        (wdx,) = torch.autograd.grad(want, [x64])
+        assert rel(out, want) < TOL[torch.bfloat16] and rel(dx, wdx) < TOL[torch.bfloat16]
