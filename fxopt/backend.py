@@ -108,6 +108,9 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         before = gm.code if dump_dir else ""
         records = run_passes(gm, config, ctx)
         report.graphs.append(graph_name)
+        if report.blocks is not None and any(
+                n and n.startswith(report.blocks[0] + ".") for n in ctx.tensor_names.values()):
+            report.block_graphs += 1  # a graph of the repeated block (its parameters are inputs)
         report.add(records)
         if dump_dir:
             _dump(dump_dir, graph_name, before, gm.code, records)

@@ -22,6 +22,7 @@ class Report:
         self.records: list[MatchRecord] = []
         self.graphs: list[str] = []
         self.blocks: tuple[str, int, str] | None = None  # (ModuleList path, number of blocks, class name)
+        self.block_graphs = 0  # graphs compiled for the repeated block (regional compilation)
 
     def set_blocks(self, path: str, count: int, cls: str):
         """Regional compilation: the blocks under `path` share one compiled block, so Dynamo compiles (and
@@ -44,6 +45,15 @@ class Report:
     def rejected(self, pass_name: str | None = None) -> list[MatchRecord]:
         return [r for r in self.records if r.status == "rejected" and (pass_name is None or r.pass_name == pass_name)]
 
+    def block_uncompiled(self) -> str | None:
+        """Why the repeated block looks uncompiled (graphs of the rest of the model were compiled, none of the
+        block), or None."""
+        if self.blocks is None or self.block_graphs or not self.graphs:
+            return None
+        return (f"no graph of the {self.blocks[2]} blocks was compiled: they ran eagerly, unfused. Seen with HF "
+                "gradient checkpointing on torch 2.13: turn it off (model.gradient_checkpointing_disable(), or "
+                "prepare_model_for_kbit_training(..., use_gradient_checkpointing=False)).")
+
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for r in self.records:
@@ -59,6 +69,8 @@ class Report:
             path, count, cls = self.blocks
             lines += [f"Regional compilation: the {count} {cls} blocks of `{path}` share one compiled block; "
                       f"`{path}.*` rows hold for every block.", ""]
+            if self.block_uncompiled():
+                lines += [f"WARNING: {self.block_uncompiled()}", ""]
         if not self.records:
             lines.append("No pass matched anything and no near-miss was found: the model runs unchanged.")
             return "\n".join(lines)

@@ -178,3 +178,23 @@ def test_bad_input_errors():
     fxopt.optimize(model, inner_backend="aot_eager")
     with pytest.raises(ValueError, match="already optimized"):
         fxopt.optimize(model)
+
+
+def test_report_says_when_the_blocks_never_compiled():
+    """Regional compilation counts the graphs compiled for the repeated block; when none was (seen with HF
+    gradient checkpointing on torch 2.13: the checkpointed blocks run eagerly) the report warns. Either way the
+    training step equals the unoptimized model's."""
+    plain = tiny_lora_model("llama")
+    fxopt.optimize(plain, inner_backend="aot_eager")
+    plain(**batch()).loss.backward()
+    assert fxopt.report(plain).block_graphs > 0
+    assert "WARNING" not in fxopt.report(plain).to_markdown()
+
+    model = tiny_lora_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    assert_same_training(model, ref, batch())
+    report = fxopt.report(model)
+    assert (report.block_graphs == 0) == ("WARNING: no graph of the LlamaDecoderLayer blocks" in report.to_markdown())
