@@ -15,17 +15,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from kernel_results import environment, write
+from kernel_results import environment, gpu_ready, md_cell, parser, write
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_TFLOPS = 798.0  # bf16 dense GEMM measured on the H100 of the device machine
 # name: (B, S, Hq, Hkv, D, window, softcap); the first two are the dense workload's (run by default)
 CASES = {
@@ -133,7 +129,7 @@ def table(rows, gpu) -> str:
     for r in rows:
         label = f"{r['case']} ({r['B']}, {r['S']}, {r['Hq']}/{r['Hkv']}, {r['D']})"
         if "error" in r:
-            err = r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            err = md_cell(r["error"])
             lines.append(f"| {label} | {r['impl']} | {err} | | | | | |")
             continue
         speed = ""
@@ -148,16 +144,12 @@ def table(rows, gpu) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p = parser(__doc__)
     p.add_argument("--cases", default="", help=f"comma-separated subset of {list(CASES)}, or 'all' "
                                                f"(default: {DEFAULT})")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_attention.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+    if not gpu_ready("bench_attention.py"):
         return
-    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     from triton.testing import do_bench
 
     import fxopt.kernels.attention  # noqa: F401  (registers torch.ops.fxopt.flash_attention)

@@ -22,18 +22,14 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-from kernel_results import environment, write
+from kernel_results import environment, gpu_ready, md_cell, parser, write
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
 H, V, IGNORE = 2048, 128256, -100
 CHUNK_SWEEP_MIB = [32, 64, 256, 512]
@@ -154,7 +150,7 @@ def table(rows, gpu, kernel) -> str:
     ]
     for r in rows:
         if "error" in r:
-            err = r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            err = md_cell(r["error"])
             lines.append(f"| {r['case']} | {r['impl']} | {err} | | | | | |")
             continue
         errs = f"{r['rel_err_loss']:.1e} / {r['rel_err_dx']:.1e}" + (f" / {r['rel_err_dw']:.1e}" if "rel_err_dw" in r else "")
@@ -167,16 +163,12 @@ def table(rows, gpu, kernel) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p = parser(__doc__)
     p.add_argument("--n", type=int, default=8192, help="tokens (rows of x)")
     p.add_argument("--no-sweep", action="store_true", help="skip the CHUNK_BYTES sweep")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_cross_entropy.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+    if not gpu_ready("bench_cross_entropy.py"):
         return
-    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     from triton.testing import do_bench
 
     from fxopt.kernels import cross_entropy as ce

@@ -14,17 +14,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 
-from kernel_results import environment, write
+from kernel_results import environment, gpu_ready, md_cell, parser, write
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
 M, R, SCALE = 8192, 16, 1.0
 # name: the (K, N) of each projection sharing one input x [M, K]. q and o have the same shape: one row.
@@ -146,7 +142,7 @@ def table(rows, gpu) -> str:
     ]
     for r in rows:
         if "error" in r:
-            err = r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            err = md_cell(r["error"])
             lines.append(f"| {_label(r)} | {r['adapter_dtype']} | {r['impl']} | {err} | | | | | |")
             continue
         speed = f"{r['speedup_fwd']:.2f}x / {r['speedup_fwd_bwd']:.2f}x" if "speedup_fwd" in r else ""
@@ -159,15 +155,11 @@ def table(rows, gpu) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p = parser(__doc__)
     p.add_argument("--shapes", default="", help=f"comma-separated subset of {list(SHAPES)} (default: all)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_lora.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+    if not gpu_ready("bench_lora.py"):
         return
-    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     from triton.testing import do_bench
 
     import fxopt.kernels.lora  # noqa: F401  (registers torch.ops.fxopt.lora_linear)

@@ -24,17 +24,13 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 
-from kernel_results import environment, write
+from kernel_results import environment, gpu_ready, md_cell, parser, write
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
 CEILING_GBS = 3000.0  # HBM3 bandwidth measured on the H100
 M_TRAIN = 8192
@@ -136,7 +132,7 @@ def _cell(r, key, fmt, ceiling=None):
 
 
 def _err(r):
-    return r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+    return md_cell(r["error"])
 
 
 def tables(rows, gpu) -> str:
@@ -177,17 +173,13 @@ def tables(rows, gpu) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p = parser(__doc__)
     p.add_argument("--shapes", default="", help=f"comma-separated subset of {list(SHAPES)} (default: all)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_nf4.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+    if not gpu_ready("bench_nf4.py"):
         return
-    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     import bitsandbytes
     from triton.testing import do_bench, do_bench_cudagraph
 

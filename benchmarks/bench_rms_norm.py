@@ -19,16 +19,12 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
 import torch
 
-from kernel_results import environment, write
+from kernel_results import environment, gpu_ready, md_cell, parser, write
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_GBS = 3000.0  # HBM bandwidth measured on the H100 of the device machine
 TOKENS, EPS = 8192, 1e-6
 # name: (rows, hidden, residual, cast_then_scale, weight trained)
@@ -139,7 +135,7 @@ def table(rows, gpu) -> str:
     for r in rows:
         label = f"{r['case']} ({r['M']} x {r['N']})"
         if "error" in r:
-            err = r["error"].replace("|", "\\|").replace("\n", " ")[:200]
+            err = md_cell(r["error"])
             lines.append(f"| {label} | {r['impl']} | {err} | | | | | |")
             continue
         speed = ""
@@ -153,15 +149,11 @@ def table(rows, gpu) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p = parser(__doc__)
     p.add_argument("--cases", default="", help=f"comma-separated subset of {list(CASES)} (default: all)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_rms_norm.py: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+    if not gpu_ready("bench_rms_norm.py"):
         return
-    sys.path.insert(0, ROOT)  # this checkout's fxopt, even when not installed
     from triton.testing import do_bench
 
     import fxopt.kernels.rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm)

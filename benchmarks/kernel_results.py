@@ -1,14 +1,42 @@
-"""What every kernel microbenchmark (benchmarks/bench_*.py) shares: the environment it records and where its
-results go (<out>/<YYYY-MM-DD>-<gpu>-<name>[-tag].json and .md, the markdown also printed)."""
+"""What every kernel microbenchmark (benchmarks/bench_*.py) shares: its common arguments, the check for a GPU,
+the environment it records, how an error goes into its table, and where its results go
+(<out>/<YYYY-MM-DD>-<gpu>-<name>[-tag].json and .md, the markdown also printed)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
+import sys
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every microbenchmark takes (--out, --tag); the script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    return p
+
+
+def gpu_ready(script: str) -> bool:
+    """False (and says so) without CUDA: the microbenchmarks only run on a GPU. Else puts this checkout's fxopt
+    first on the import path (even when it is not installed) and returns True."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device here; this microbenchmark only runs on a GPU. Nothing done.")
+        return False
+    sys.path.insert(0, ROOT)
+    return True
+
+
+def md_cell(text) -> str:
+    """text fit for one markdown table cell (an error message: pipes escaped, one line, at most 200 chars)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")[:200]
 
 
 def environment(**extra) -> dict:

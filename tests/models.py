@@ -91,6 +91,21 @@ def assert_no_less_accurate(model, eager, ref32, b, factor=1.5, floor=1e-2):
     return errs
 
 
+def optimize_and_check_on_gpu(model, eager, ref32, **opts):
+    """The bf16 model test on the GPU: optimize `model` (default Inductor backend), train one step of a
+    [4, 64] batch beside `eager` and `ref32` (assert_no_less_accurate), print the worst errors and the match
+    report, and return the report."""
+    import fxopt
+
+    fxopt.optimize(model, **opts)
+    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
+    errs = assert_no_less_accurate(model, eager, ref32, b)
+    print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
+    report = fxopt.report(model)
+    print(report.to_markdown())
+    return report
+
+
 def assert_no_recompile(model, lengths=(16, 24, 32, 17, 40)):
     """Train steps at each sequence length. The first change marks the length dynamic (one more compile);
     after that no length may compile a new graph: no pass specialises a symbolic size."""

@@ -60,27 +60,13 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, on_device, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, on_device, tanh, use_triton
 
 _INTERPRETED = False
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # larger head dims run the torch math (the tiles would not fit shared memory)
 
 if triton is not None:
-
-    @triton.jit
-    def _tanh(u):
-        """(tanh(u), 1 - tanh(u)^2), both to fp32 relative precision. No tl.tanh on every Triton version.
-        (1 - e) / (1 + e) with e = exp(-2|u|) cancels near 0: there, the odd Taylor series to u^9 (its next term
-        is below fp32 rounding for |u| < 0.25). The derivative as 4e / (1 + e)^2: 1 - t*t would be all rounding
-        where tanh saturates (gradients there are then tiny, but right)."""
-        a = tl.abs(u)
-        e = tl.exp(-2.0 * a)
-        far = (1.0 - e) / (1.0 + e)
-        a2 = a * a
-        near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-        t = tl.where(a < 0.25, near, far)
-        return tl.where(u < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
 
     @triton.jit
     def _load_tile(ptr, rows, offs_d, n_rows, stride_r, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -110,7 +96,7 @@ if triton is not None:
         """(scores in log2 units, d score / d (scale * qk)): qk_scale = scale * log2(e), or scale / softcap with a
         softcap (then softcap here is softcap * log2(e)). The forward ignores the derivative (compiled away)."""
         if SOFTCAP:
-            t, dt = _tanh(qk * qk_scale)
+            t, dt = tanh(qk * qk_scale)
             return t * softcap, dt
         return qk * qk_scale, qk
 

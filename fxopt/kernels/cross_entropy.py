@@ -55,7 +55,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, tanh, use_triton
 
 _INTERPRETED = False
 
@@ -67,19 +67,6 @@ BLOCK_V_GPU = 4096
 BLOCK_V_INTERPRETED = 32
 
 if triton is not None:
-
-    @triton.jit
-    def _tanh(u):
-        # tl has no tanh on every Triton version. (1 - e) / (1 + e) with e = exp(-2|u|) loses relative
-        # precision near 0 (1 - e cancels): there, the odd Taylor series to u^9, whose next term is below
-        # fp32 rounding for |u| < 0.25.
-        a = tl.abs(u)
-        e = tl.exp(-2.0 * a)
-        far = (1.0 - e) / (1.0 + e)
-        a2 = a * a
-        near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-        t = tl.where(a < 0.25, near, far)
-        return tl.where(u < 0, -t, t)
 
     @triton.jit
     def _ce_rows_kernel(
@@ -103,7 +90,8 @@ if triton is not None:
             c = start + cols
             z = tl.load(ptr + c, mask=c < V, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
+                t, _ = tanh(z / softcap)
+                z = softcap * t
             z = tl.where(c < V, z, float("-inf"))  # after the softcap, which maps -inf to -softcap
             m_new = tl.maximum(m, tl.max(z, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
@@ -115,7 +103,8 @@ if triton is not None:
         # The label's logit, read before pass 2 overwrites the row.
         z_label = tl.load(ptr + tl.where(valid & in_range, label, 0)).to(tl.float32)
         if HAS_SOFTCAP:
-            z_label = softcap * _tanh(z_label / softcap)
+            t, _ = tanh(z_label / softcap)
+            z_label = softcap * t
         loss = tl.where(in_range, (m - z_label) + log_s, float("nan"))
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
 
@@ -125,11 +114,11 @@ if triton is not None:
                 c = start + cols
                 z = tl.load(ptr + c, mask=c < V, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
-                    t = _tanh(z / softcap)
+                    t, dt = tanh(z / softcap)
                     z = softcap * t
                 g = tl.exp((z - m) - log_s) - tl.where(c == label, 1.0, 0.0)
                 if HAS_SOFTCAP:
-                    g = g * (1.0 - t * t)
+                    g = g * dt
                 g = tl.where(in_range, g, float("nan"))
                 g = tl.where(valid, g, 0.0)
                 tl.store(ptr + c, g.to(LOGITS.dtype.element_ty), mask=c < V)

@@ -43,12 +43,15 @@ class LoraMatch:
     location: str
 
 
-def adapter_root(xl):
+def adapter_root(xl, stop=None):
     """Walk back from an adapter's input through casts and at most one dropout. Returns (root, exact,
     has_dropout); exact: no down-cast on the way, so the root holds the values the adapter reads.
+    With `stop`: the walk ends there (root = stop), and None is returned when it never passes it.
     Shared with the qlora pass, which matches the same adapter on a 4-bit base."""
     node, has_dropout, exact = xl, False, True
     while True:
+        if node is stop:
+            return node, exact, has_dropout
         dtype = cast_dtype(node)
         if dtype is not None:
             src = value(node.args[0])
@@ -65,27 +68,7 @@ def adapter_root(xl):
             has_dropout = True
             node = node.args[0]
             continue
-        return node, exact, has_dropout
-
-
-def _chain_to(xl, stop):
-    """(exact, has_dropout) of the adapter input's chain from xl back to `stop` (casts and dropouts only, the
-    rules of adapter_root, which has already checked the whole chain); None when the chain does not pass stop."""
-    exact, has_dropout, node = True, False, xl
-    while node is not stop:
-        if not isinstance(node, fx.Node) or not node.args:
-            return None
-        dtype = cast_dtype(node)
-        if dtype is not None:
-            src = value(node.args[0])
-            if src is None or not src.dtype.is_floating_point or dtype.itemsize < src.dtype.itemsize:
-                exact = False
-        elif is_call(node, DROPOUT_TARGETS):
-            has_dropout = True
-        else:
-            return None
-        node = node.args[0]
-    return exact, has_dropout
+        return (node, exact, has_dropout) if stop is None else None
 
 
 def adapter_branch(node):
@@ -154,10 +137,10 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
     if rx is not x:
         # the base may read a node on the adapter input's chain (x itself a cast, or a dropout output of an
         # earlier layer): then that node is x, and only the part of the chain after it belongs to the adapter
-        seg = _chain_to(xl, rx)
+        seg = adapter_root(xl, stop=rx)
         if seg is None:
             raise Reject("base linear and adapter read different inputs")
-        x, (exact, has_dropout) = rx, seg
+        x, exact, has_dropout = seg
         x_lora = xl if has_dropout or not exact else None
     _check_single_use(r, "base linear output")
     consumed += [r, add]

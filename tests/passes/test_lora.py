@@ -197,4 +197,6 @@ def test_report_says_when_the_blocks_never_compiled():
     fxopt.optimize(model, inner_backend="aot_eager")
     assert_same_training(model, ref, batch())
     report = fxopt.report(model)
-    assert (report.block_graphs == 0) == ("WARNING: no graph of the LlamaDecoderLayer blocks" in report.to_markdown())
+    # seen on torch 2.13 (CPU) and 2.11 (H200): under checkpointing the blocks never compile
+    assert report.block_graphs == 0
+    assert "WARNING: no graph of the LlamaDecoderLayer blocks" in report.to_markdown()

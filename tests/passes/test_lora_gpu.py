@@ -4,8 +4,7 @@ unoptimized bf16 model does (bf16 rounding alone moves the result; fxopt must no
 import pytest
 import torch
 
-import fxopt
-from tests.models import assert_no_less_accurate, batch, tiny_lora_model, twin
+from tests.models import optimize_and_check_on_gpu, tiny_lora_model, twin
 
 
 @pytest.mark.gpu
@@ -13,11 +12,6 @@ from tests.models import assert_no_less_accurate, batch, tiny_lora_model, twin
 def test_bf16_model_on_gpu(family):
     model = tiny_lora_model(family, dtype=torch.bfloat16).cuda()
     eager, ref32 = twin(model), twin(model).float()
-    fxopt.optimize(model)
-    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
-    errs = assert_no_less_accurate(model, eager, ref32, b)
-    print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
-    report = fxopt.report(model)
-    print(report.to_markdown())
+    report = optimize_and_check_on_gpu(model, eager, ref32)
     assert not report.rejected("lora")
     assert len({r.location for r in report.matched("lora")}) == 7  # "layers.*": both blocks run one compiled block

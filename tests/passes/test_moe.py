@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2
 
 import fxopt
 from fxopt.kernels import moe as moe_kernels  # noqa: F401  (registers fxopt::moe_experts)
-from tests.models import assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err
+from tests.models import optimize_and_check_on_gpu, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err
 
 torch._dynamo.config.cache_size_limit = 64
 
@@ -267,10 +267,5 @@ def test_bf16_moe_model_on_gpu(experts):
     eager = copy.deepcopy(model)
     ref32 = copy.deepcopy(model).float()
     ref32.config._experts_implementation = "batched_mm"  # torch's grouped_mm takes bf16 only; same math
-    fxopt.optimize(model)
-    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
-    errs = assert_no_less_accurate(model, eager, ref32, b)
-    print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
-    report = fxopt.report(model)
-    print(report.to_markdown())
+    report = optimize_and_check_on_gpu(model, eager, ref32)
     assert {r.location for r in report.matched("moe")} == {EXPERTS} and not report.rejected("moe")

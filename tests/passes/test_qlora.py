@@ -23,6 +23,7 @@ import torch
 import fxopt
 from fxopt.kernels import nf4
 from tests.models import (
+    optimize_and_check_on_gpu,
     FAMILIES, TARGETS, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err, train_step)
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -346,11 +347,6 @@ def test_qlora_bf16_on_gpu(checkpoints, family):
     model = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device="cuda")
     eager = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device="cuda")
     ref32 = qlora_model(path, compute_dtype=torch.float32, dtype=torch.bfloat16, device="cuda")
-    fxopt.optimize(model)
-    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
-    errs = assert_no_less_accurate(model, eager, ref32, b)
-    print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
-    report = fxopt.report(model)
-    print(report.to_markdown())
+    report = optimize_and_check_on_gpu(model, eager, ref32)
     assert not report.rejected("qlora")
     assert set(_ops(report, "lora_linear_4bit")) == _all_layers()
