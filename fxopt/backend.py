@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fxopt.config import OptimizeConfig
-from fxopt.passes import OPT_IN, PASSES
+from fxopt.passes import PASSES
 from fxopt.passes.canonicalize import canonicalize
 from fxopt.report import MatchRecord, Report
 
@@ -68,7 +68,7 @@ def run_passes(gm: torch.fx.GraphModule, config: OptimizeConfig, ctx: PassContex
     canonicalize(gm)
     records: list[MatchRecord] = []
     for p in PASSES:
-        if p.NAME in config.disable or (p.NAME in OPT_IN and p.NAME not in config.enable):
+        if p.NAME in config.disable:
             continue
         snapshot = torch.fx.Graph()
         snapshot._codegen = copy.deepcopy(gm.graph._codegen)

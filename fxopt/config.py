@@ -14,8 +14,6 @@ class OptimizeConfig:
 
     disable:       names of passes to turn off (see `fxopt.pass_names()`), e.g. ("lora",); default: the
                    comma-separated FXOPT_DISABLE environment variable, if set.
-    enable:        opt-in passes to turn on (see `fxopt.passes.OPT_IN`: "qlora" today); default: the
-                   comma-separated FXOPT_ENABLE environment variable, if set.
     inner_backend: what compiles the graph after fxopt's passes: "inductor" (default), or "aot_eager" /
                    "eager" for debugging.
     dump_dir:      write per captured graph the code before/after the passes and the match report here
@@ -39,8 +37,6 @@ class OptimizeConfig:
 
     disable: tuple[str, ...] = field(default_factory=lambda: tuple(
         n for n in os.environ.get("FXOPT_DISABLE", "").split(",") if n))
-    enable: tuple[str, ...] = field(default_factory=lambda: tuple(
-        n for n in os.environ.get("FXOPT_ENABLE", "").split(",") if n))
     inner_backend: str = "inductor"
     dump_dir: str | None = None
     regional: bool = True
@@ -52,16 +48,13 @@ class OptimizeConfig:
     def __post_init__(self):
         from fxopt.passes import pass_names
 
-        for name in ("disable", "enable"):
-            names = getattr(self, name)
-            if isinstance(names, str):
-                names = (names,)
-            if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(d, str) for d in names):
-                raise TypeError(f"OptimizeConfig.{name} must be a list of pass names, got {getattr(self, name)!r}")
-            unknown = sorted(set(names) - set(pass_names()))
-            if unknown:
-                raise ValueError(f"OptimizeConfig.{name}: unknown pass name(s) {unknown}; known passes: {pass_names()}")
-            object.__setattr__(self, name, tuple(names))
+        names = (self.disable,) if isinstance(self.disable, str) else self.disable
+        if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(d, str) for d in names):
+            raise TypeError(f"OptimizeConfig.disable must be a list of pass names, got {self.disable!r}")
+        unknown = sorted(set(names) - set(pass_names()))
+        if unknown:
+            raise ValueError(f"OptimizeConfig.disable: unknown pass name(s) {unknown}; known passes: {pass_names()}")
+        object.__setattr__(self, "disable", tuple(names))
         if self.inner_backend not in INNER_BACKENDS:
             raise ValueError(f"OptimizeConfig.inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str,)) and not hasattr(self.dump_dir, "__fspath__"):

@@ -491,17 +491,18 @@ def _dequantized_gemm(m: int) -> bool:
 
 
 def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
-            bias: Optional[Tensor]) -> Tensor:
-    """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in x.dtype (lo any strides)."""
+            bias: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in out_dtype (default x.dtype; lo
+    any strides)."""
     M, K = x.shape
     N = q.n
-    out = _new_output((M, N), x.dtype, x.device)
+    out = _new_output((M, N), out_dtype or x.dtype, x.device)
     if M == 0 or N == 0:
         return out
     if K == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out.dtype).expand_as(out))
     if not _use_triton(x, t):
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        acc_dtype = torch.promote_types(torch.promote_types(x.dtype, out.dtype), torch.float32)
         acc = x.to(acc_dtype) @ _dequantize(q, x.dtype).to(acc_dtype).t()  # a per-call transient copy
         if t is not None:
             acc += scale * (t @ lo).to(acc_dtype)
@@ -515,9 +516,9 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         t, lo = x, x
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out
-    # An fp32 result gets exact fp32 products (tl.dot on fp32 would use tf32 on the GPU); for a half
-    # precision result, fp32 adapter operands in tf32 are within that result's rounding.
-    precision = "ieee" if out.dtype == torch.float32 else "tf32"
+    # fp32 inputs get exact fp32 products (tl.dot on fp32 would use tf32 on the GPU); with half precision
+    # inputs, fp32 adapter operands in tf32 err far below the half precision base term's rounding.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     ptrs = _quant_ptrs(q)
     strides = (x.stride(0), x.stride(1), t.stride(0), t.stride(1), lo.stride(0), lo.stride(1),
                out.stride(0), out.stride(1), float(scale))
@@ -535,7 +536,7 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         return out
 
     if _dequantized_gemm(M):
-        y = x @ _dequantize_triton(q, x.dtype).t()
+        y = (x @ _dequantize_triton(q, x.dtype).t()).to(out.dtype)
         if has_lora:  # added in the promoted dtype and rounded once, as PEFT adds its adapter
             y = y + scale * (t @ lo)
         if has_bias:
@@ -648,25 +649,28 @@ linear_4bit.register_autograd(_backward_linear, setup_context=_setup_linear)
 def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
                      offset: Optional[Tensor], code: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor,
                      lora_b: Tensor, scaling: float, x_lora: Optional[Tensor], n: int, k: int, blocksize: int,
-                     quant_type: str) -> tuple[Tensor, Tensor]:
-    """(out, t): out = x @ dequant(qweight)^T (+ bias) + scaling * (x_l @ lora_a^T) @ lora_b^T in x.dtype, x_l =
-    x_lora (dropout(x)) or x; t = x_l @ lora_a^T [M, r] in the adapter's dtype, returned only to be saved for
-    backward. The adapter branch runs in the adapter's dtype, like PEFT."""
+                     quant_type: str, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(out, t): out = x @ dequant(qweight)^T (+ bias) + scaling * (x_l @ lora_a^T) @ lora_b^T in out_dtype
+    (default x.dtype), x_l = x_lora (dropout(x)) or x; t = x_l @ lora_a^T [M, r] in the adapter's dtype, returned
+    only to be saved for backward. The adapter branch runs in the adapter's dtype, like PEFT. out_dtype wider
+    than x.dtype is PEFT on bnb with an fp32 input and a half precision compute dtype: bnb returns the base
+    result in the input's dtype and the adapter is added there, so a small adapter term is not rounded away."""
     q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
     x2 = _flat(x)
     adt = lora_a.dtype
     t = (x2 if x_lora is None else _flat(x_lora)).to(adt) @ lora_a.t()
-    out = _matmul(x2, q, t, lora_b.to(adt).t(), scaling, bias)
+    out = _matmul(x2, q, t, lora_b.to(adt).t(), scaling, bias, out_dtype)
     return out.view(*x.shape[:-1], n), t
 
 
 @lora_linear_4bit.register_fake
 def _(x, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, x_lora, n, k, blocksize,
-      quant_type):
+      quant_type, out_dtype=None):
     m = 1
     for d in x.shape[:-1]:
         m = m * d
-    return x.new_empty(*x.shape[:-1], n), x.new_empty(m, lora_a.shape[0], dtype=lora_a.dtype)
+    return (x.new_empty(*x.shape[:-1], n, dtype=out_dtype or x.dtype),
+            x.new_empty(m, lora_a.shape[0], dtype=lora_a.dtype))
 
 
 @torch.library.custom_op("fxopt::lora_linear_4bit_backward", mutates_args=())
@@ -680,7 +684,7 @@ def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Ten
     q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
     adt = lora_a.dtype
     dy = _flat(grad).to(x_dtype)  # the base path's gradient runs in the base's dtype
-    dy_a = dy.to(adt)  # the adapter's gradients in the adapter's dtype, as PEFT does
+    dy_a = _flat(grad).to(adt)  # the adapter's gradients from the output's gradient, in the adapter's dtype
     u = dy_a @ lora_b.to(adt)  # [M, r]
     lead = grad.shape[:-1]
     result = []
@@ -710,7 +714,7 @@ def _(grad, x_l, t, qweight, absmax, absmax2, code2, offset, code, lora_a, lora_
 
 def _setup_lora(ctx, inputs, output):
     x, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, x_lora, n, k, blocksize, \
-        quant_type = inputs
+        quant_type, _out_dtype = inputs
     # saved: the adapter's input (x_lora, or x itself without dropout) and t; the rest are frozen weights
     ctx.save_for_backward(x if x_lora is None else x_lora, output[1], qweight, absmax, absmax2, code2, offset, code,
                           lora_a, lora_b)
@@ -729,7 +733,7 @@ def _backward_lora(ctx, grad, _grad_t):
     dxl = next(flat) if dropout else None
     db = next(flat) if need_db else None
     da, dB = next(flat), next(flat)
-    return dx, None, None, None, None, None, None, db, da, dB, None, dxl, None, None, None, None
+    return dx, None, None, None, None, None, None, db, da, dB, None, dxl, None, None, None, None, None
 
 
 lora_linear_4bit.register_autograd(_backward_lora, setup_context=_setup_lora)
@@ -739,7 +743,7 @@ lora_linear_4bit.register_autograd(_backward_lora, setup_context=_setup_lora)
 
 
 def reference(x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, quant_type, lora_a=None,
-              lora_b=None, scaling=1.0, x_lora=None) -> Tensor:
+              lora_b=None, scaling=1.0, x_lora=None, out_dtype=None) -> Tensor:
     """The ops' math in plain PyTorch (differentiable in x, bias, lora_a, lora_b, x_lora): the weight dequantized
     to x's dtype by `dequantize`, then F.linear, plus the LoRA branch in the adapter's dtype as PEFT computes."""
     w = dequantize(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type, x.dtype)
@@ -748,7 +752,7 @@ def reference(x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, bloc
         return base
     xl = x if x_lora is None else x_lora
     adapter = F.linear(F.linear(xl.to(lora_a.dtype), lora_a), lora_b) * scaling
-    return (base.to(torch.promote_types(base.dtype, adapter.dtype)) + adapter).to(x.dtype)
+    return (base.to(torch.promote_types(base.dtype, adapter.dtype)) + adapter).to(out_dtype or x.dtype)
 
 
 def linear_4bit_fn(x, qweight, quant_state, bias=None) -> Tensor:
@@ -757,8 +761,8 @@ def linear_4bit_fn(x, qweight, quant_state, bias=None) -> Tensor:
     return torch.ops.fxopt.linear_4bit(x, qw, am, am2, c2, off, code, bias, n, k, bs, qt)
 
 
-def lora_linear_4bit_fn(x, qweight, quant_state, bias, lora_a, lora_b, scaling, x_lora=None) -> Tensor:
+def lora_linear_4bit_fn(x, qweight, quant_state, bias, lora_a, lora_b, scaling, x_lora=None, out_dtype=None) -> Tensor:
     """fxopt::lora_linear_4bit on a bnb packed weight and its QuantState; returns out only."""
     qw, am, am2, c2, off, code, n, k, bs, qt = quant_args(qweight, quant_state)
     return torch.ops.fxopt.lora_linear_4bit(x, qw, am, am2, c2, off, code, bias, lora_a, lora_b, float(scaling),
-                                            x_lora, n, k, bs, qt)[0]
+                                            x_lora, n, k, bs, qt, out_dtype)[0]

@@ -438,22 +438,22 @@ def _rewrite(gm, b: Base, ad: Adapter | None, order):
         b.g.replace_all_uses_with(op)
     else:
         out = ad.out
+        # The sum is formed in the outer result's dtype (fp32 when bnb casts an fp32 input down to a bf16
+        # compute dtype and its result back up): rounding it to the compute dtype would erase an adapter term
+        # below the base term's bf16 resolution, the usual size of a LoRA update early in training.
+        out_dtype = value(out).dtype
         with graph.inserting_before(out):
             op = graph.call_function(torch.ops.fxopt.lora_linear_4bit.default,
-                                     (b.x, *_quant_args(b), ad.lora_a, ad.lora_b, ad.scaling, ad.x_lora, *consts))
+                                     (b.x, *_quant_args(b), ad.lora_a, ad.lora_b, ad.scaling, ad.x_lora, *consts,
+                                      None if out_dtype == value(b.x).dtype else out_dtype))
             y = graph.call_function(operator.getitem, (op, 0))
-            final = y
-            if value(out).dtype != value(b.g).dtype:  # the kernel's result is in the compute dtype
-                final = graph.call_method("to", (y, value(out).dtype))
-        gv, xv, av = value(b.g), value(b.x), value(ad.lora_a)
+        gv, xv, av = value(out), value(b.x), value(ad.lora_a)
         rows = math.prod(xv.shape[:-1]) if xv.dim() > 1 else 1
         op.meta.update({k: v for k, v in out.meta.items()
                         if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
         op.meta["example_value"] = (gv, xv.new_empty((rows, av.shape[0]), dtype=av.dtype))
-        y.meta.update(b.g.meta)
-        if final is not y:
-            final.meta.update(out.meta)
-        out.replace_all_uses_with(final)
+        y.meta.update(out.meta)
+        out.replace_all_uses_with(y)
         dead += ad.consumed
         # the adapter-input casts die too when the op reads x directly
         node = ad.xl
@@ -492,6 +492,9 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
         rewrites.append((base, adapter, where))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for base, adapter, where in rewrites:
+        sum_dtype = None if adapter is None else value(adapter.out).dtype
+        if sum_dtype == value(base.x).dtype:
+            sum_dtype = None
         _rewrite(gm, base, adapter, order)
         detail = (f"{base.quant_type}, blocksize {base.blocksize}"
                   f"{', double quant' if base.absmax2 is not None else ''}, W[{base.n}, {base.k}]"
@@ -502,7 +505,8 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             own = adapter.x_lora is not None and not adapter.dropout  # e.g. fp32 input, bf16 compute dtype
             detail = (f"fxopt::lora_linear_4bit, {detail}, r={static_int(value(adapter.lora_a).shape[0])}, "
                       f"scale={adapter.scaling:g}{', dropout kept' if adapter.dropout else ''}"
-                      f"{', adapter reads its own input' if own else ''}")
+                      f"{', adapter reads its own input' if own else ''}"
+                      f"{', sum in ' + str(sum_dtype).removeprefix('torch.') if sum_dtype else ''}")
         records.append(MatchRecord(NAME, where, "matched", detail, ctx.graph_name))
     if rewrites:
         gm.graph.lint()
