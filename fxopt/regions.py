@@ -8,6 +8,8 @@ block, is reused by the others (its parameters are graph inputs), so 16 blocks c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +31,45 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):
             continue
-        compiled = torch.compile(block.forward, backend=backend, dynamic=dynamic)
-        block.forward = torch._dynamo.disable(compiled, recursive=False)
+        inner = getattr(type(block).forward, "__wrapped__", None)
+        if inner is not None and hasattr(block, "gradient_checkpointing"):
+            forward = _checkpointed(block, torch.compile(inner.__get__(block), backend=backend, dynamic=dynamic))
+        else:
+            forward = _plain(torch.compile(block.forward, backend=backend, dynamic=dynamic))
+        # Hidden from the outer trace. The disabled function must be a plain one, not the compiled function
+        # itself: called inside torch.utils.checkpoint (HF's older layers checkpoint around __call__), a
+        # disabled compiled function runs its original code, uncompiled (torch 2.11 and 2.13).
+        block.forward = torch._dynamo.disable(forward, recursive=False)
         block._fxopt_compiled = True
+
+
+def _plain(compiled):
+    def forward(*args, **kwargs):
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
+def _checkpointed(block: nn.Module, compiled):
+    """The block's forward when its class wraps forward in HF's gradient checkpointing (transformers' layers
+    whose `forward` has `__wrapped__`). Compiling that wrapper gets nothing compiled: Dynamo cannot trace the
+    checkpoint call around a body it must not inline, so the whole block runs eagerly. Instead the compiled
+    region is the unwrapped forward, and the block's own checkpoint function (`_gradient_checkpointing_func`,
+    set by gradient_checkpointing_enable, possibly after optimize) runs it, eagerly, around the compiled code:
+    the same recompute-in-backward as HF's, over the fused graph. Training forwards build no KV cache under
+    fxopt (use_cache is off), which is what HF's wrapper would otherwise strip."""
+
+    def forward(*args, **kwargs):
+        if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
+            return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
+@torch._dynamo.disable
+def _untraced(fn, *args):
+    # A checkpoint function that is plain Python (a user's wrapper around torch.utils.checkpoint) would
+    # otherwise be traced, and Dynamo would inline the compiled block into a checkpoint subgraph that no fxopt
+    # pass sees. The compiled block called inside still runs compiled.
+    return fn(*args)

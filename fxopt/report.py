@@ -50,9 +50,9 @@ class Report:
         block), or None."""
         if self.blocks is None or self.block_graphs or not self.graphs:
             return None
-        return (f"no graph of the {self.blocks[2]} blocks was compiled: they ran eagerly, unfused. Seen with HF "
-                "gradient checkpointing on torch 2.13: turn it off (model.gradient_checkpointing_disable(), or "
-                "prepare_model_for_kbit_training(..., use_gradient_checkpointing=False)).")
+        return (f"no graph of the {self.blocks[2]} blocks was compiled: they ran eagerly, unfused. Something "
+                "called their original forward around fxopt's compiled one (a wrapper or hook installed after "
+                "fxopt.optimize, or Dynamo disabled for them): optimize the model after installing it.")
 
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
