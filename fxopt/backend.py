@@ -106,7 +106,12 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
                           config=config)
         dump_dir = config.dump_dir or os.environ.get("FXOPT_DUMP")
         before = gm.code if dump_dir else ""
-        records = run_passes(gm, config, ctx)
+        devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
+        supported, note = kernel_support(next(iter(devices)) if len(devices) == 1 else torch.device("cpu"))
+        if note and note not in report.notes:  # one warning per model and cause
+            report.notes.append(note)
+            warnings.warn(f"fxopt: {note}", stacklevel=2)
+        records = run_passes(gm, config, ctx) if supported else []
         report.graphs.append(graph_name)
         if report.blocks is not None and any(
                 n and n.startswith(report.blocks[0] + ".") for n in ctx.tensor_names.values()):
@@ -124,6 +129,29 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
 
     fxopt_compile.report = report
     return fxopt_compile
+
+
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores, and the oldest GPU the Triton kernels were written for
+
+
+def kernel_support(device: torch.device) -> tuple[bool, str | None]:
+    """(run the passes?, what to tell the user once) for graphs on `device`. A GPU older than MIN_CAPABILITY
+    gets its graphs unchanged (the kernels may not compile there); a device without compiled Triton kernels
+    (the CPU, MPS, or no Triton installed) gets the fused ops on their PyTorch math: the same results and the
+    same graph structure, not the speed."""
+    from fxopt.kernels import common
+
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_CAPABILITY:
+            return False, (f"GPU sm_{cap[0]}{cap[1]} is older than fxopt's kernels support (sm_"
+                           f"{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]}+): its graphs are compiled unchanged")
+        if common.triton is None:
+            return True, "Triton is not installed: the fused ops run their PyTorch reference math (no speedup)"
+        return True, None
+    if common.triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, f"on {device.type}, the Triton kernels run in Triton's interpreter (correct but slow: for tests)"
+    return True, f"no Triton kernels on {device.type}: the fused ops run their PyTorch reference math (no speedup)"
 
 
 def fxopt_backend(gm: torch.fx.GraphModule, example_inputs):

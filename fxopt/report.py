@@ -23,6 +23,7 @@ class Report:
         self.graphs: list[str] = []
         self.blocks: tuple[str, int, str] | None = None  # (ModuleList path, number of blocks, class name)
         self.block_graphs = 0  # graphs compiled for the repeated block (regional compilation)
+        self.notes: list[str] = []  # said once per model: where the kernels cannot run (see backend.kernel_support)
 
     def set_blocks(self, path: str, count: int, cls: str):
         """Regional compilation: the blocks under `path` share one compiled block, so Dynamo compiles (and
@@ -71,6 +72,7 @@ class Report:
                       f"`{path}.*` rows hold for every block.", ""]
             if self.block_uncompiled():
                 lines += [f"WARNING: {self.block_uncompiled()}", ""]
+        lines += [f"NOTE: {note}" for note in self.notes] + ([""] if self.notes else [])
         if not self.records:
             lines.append("No pass matched anything and no near-miss was found: the model runs unchanged.")
             return "\n".join(lines)

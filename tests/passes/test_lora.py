@@ -232,3 +232,33 @@ def test_report_says_when_the_blocks_never_compiled():
     report = fxopt.report(model)
     assert report.block_graphs == 0
     assert "WARNING: no graph of the LlamaDecoderLayer blocks" in report.to_markdown()
+
+
+def test_one_warning_where_no_kernels_run(monkeypatch):
+    """Without Triton (here: fxopt's view of it removed) the fused ops run their PyTorch math: one warning per model
+    says so (not one per graph), the report repeats it, and training equals the unoptimized model's."""
+    import warnings
+
+    from fxopt.kernels import common
+
+    monkeypatch.setattr(common, "triton", None)
+    model = tiny_lora_model("llama")
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert_same_training(model, ref, batch())
+    said = [w for w in seen if str(w.message).startswith("fxopt: no Triton kernels on cpu")]
+    report = fxopt.report(model)
+    assert len(said) == 1 and len(report.graphs) > 1
+    assert "NOTE: no Triton kernels on cpu" in report.to_markdown() and report.matched("lora")
+
+
+def test_old_gpu_leaves_graphs_unchanged(monkeypatch):
+    from fxopt.backend import kernel_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    supported, note = kernel_support(torch.device("cuda"))
+    assert not supported and "sm_70" in note and "unchanged" in note
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernel_support(torch.device("cuda"))[0]
