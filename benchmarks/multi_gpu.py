@@ -1,8 +1,9 @@
 """Multi-GPU training benchmark: the dense LoRA workload of train_step.py under DDP or FSDP2, for eager,
 torch.compile and fxopt, launched with torchrun (one process per GPU):
 
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode ddp --out benchmarks/results
-    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py --mode fsdp2 --setups eager,compile,fxopt,fxopt_no_cudagraphs
+    torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --mode ddp --out benchmarks/results
+    torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --mode fsdp2 \
+        --setups eager,compile,fxopt,fxopt_no_cudagraphs --out benchmarks/results
     torchrun --standalone --nproc_per_node 2 benchmarks/multi_gpu.py --mode ddp --device cpu --size tiny \\
         --dtype float32 --setups eager,fxopt --inner-backend aot_eager        # CPU smoke test (gloo)
 
@@ -13,22 +14,13 @@ trainable parameters, zero_grad. How each setup is wrapped:
 
   ddp    eager    DDP(model)
          compile  torch.compile(DDP(model))  (Dynamo's DDPOptimizer splits the graph at DDP's buckets)
-         fxopt    fxopt.optimize(model), then DDP(model), with torch._dynamo.config.optimize_ddp off while
-                  it runs. Dynamo applies DDPOptimizer to every frame it compiles inside a DDP forward, fxopt's
-                  block regions included: it cuts a block's graph where DDP's 1 MB first bucket fills (the
-                  dense block holds 2.8 MB of fp32 adapters) and hands fxopt the pieces, so LoRA linears cut
-                  apart go unmatched (tiny model on CPU with 1.3 MB of adapters per block: 6 of 7 matched,
-                  k_proj silently dropped from the q/k/v group, under names fxopt cannot locate, and a false
-                  "blocks uncompiled" warning). Regional compilation already gives DDP its overlap: a
-                  block's gradients are ready when that block's compiled backward ends, while the blocks
-                  before it still run. --ddp-optimizer leaves it on, to see that.
+         fxopt    fxopt.optimize(model), then DDP(model). (fxopt compiles its blocks with Dynamo's
+                  DDPOptimizer off: it would cut a block's graph where DDP's 1 MB first bucket fills, and LoRA
+                  linears cut apart would go unmatched. A block is already one unit of DDP's overlap.)
   fsdp2  all      fully_shard(each decoder block), then fully_shard(model)  (torch.distributed.fsdp, torch
                   >= 2.6), no MixedPrecisionPolicy: the model is built in the workload's dtype with PEFT's fp32
                   adapters, which is what one GPU computes in (param_dtype=bf16 would round the adapters too);
          compile  then torch.compile(model);   fxopt  then fxopt.optimize(model)
-                  (fxopt's report under FSDP2 names matches without their module path and warns that the
-                  blocks ran uncompiled, wrongly: it maps parameters to names by id() at optimize time, and
-                  FSDP2 registers new unsharded parameters for each forward. The matches themselves hold.)
   Frozen base weights take no gradient, so neither mode needs find_unused_parameters; DDP keeps its other
   defaults (as accelerate's DDP does).
 
@@ -220,8 +212,7 @@ def run_setup(args, setup, device, rank, world) -> dict:
             res["fxopt_report"] = _report(model)
         except Exception as e:
             res["fxopt_report"] = {"error": f"{type(e).__name__}: {e}"}
-    del train, model, opt
-    return res
+    return res  # the model, its wrapper and the optimizer go with this frame
 
 
 def merge(setup, per_rank, ref, args) -> dict:
@@ -322,7 +313,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="steps after the first, not timed")
     p.add_argument("--inner-backend", default="inductor", help="fxopt's inner_backend (aot_eager: quick CPU tests)")
     p.add_argument("--compile-backend", default="inductor", help="the compile setup's torch.compile backend")
-    p.add_argument("--ddp-optimizer", action="store_true", help="leave Dynamo's DDPOptimizer on for fxopt (see above)")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the one-process reference")
     p.add_argument("--ref-steps", type=int, default=2, help="steps of the one-process reference")
     p.add_argument("--pg-timeout", type=int, default=300, help="seconds a collective may wait (a rank that failed)")
@@ -377,10 +367,8 @@ def main(argv=None):
     for setup in args.setups:
         if rank == 0:
             print(f"[{args.mode} / {setup}] running on {world} ranks ...", flush=True)
-        off = args.mode == "ddp" and setup.startswith("fxopt") and not args.ddp_optimizer
         try:
-            with torch._dynamo.config.patch(optimize_ddp=not off and torch._dynamo.config.optimize_ddp):
-                res = run_setup(args, setup, device, rank, world)
+            res = run_setup(args, setup, device, rank, world)
         except Exception as e:  # OOM or a crash: recorded; the next setup still runs (if every rank got here)
             res = {"error": f"{type(e).__name__}: {e}"[:2000]}
         torch._dynamo.reset()

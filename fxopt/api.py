@@ -28,6 +28,10 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     if getattr(model, "_fxopt_report", None) is not None:
         raise ValueError("fxopt.optimize: this model was already optimized; optimize it once")
     report = Report()
+    if config.deterministic:
+        from fxopt.kernels.common import set_deterministic
+
+        set_deterministic()
     # A training forward must not build a KV cache: it is never read, and with regional compilation the
     # per-layer cache state would make every block compile anew.
     hf_config = getattr(model, "config", None)

@@ -94,14 +94,16 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
     (optional) lets the report name each match by its module path."""
     config = config or OptimizeConfig()
     report = report if report is not None else Report()
-    names = {}
-    if model is not None:
-        names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
-        names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
 
     def fxopt_compile(gm: torch.fx.GraphModule, example_inputs):
         graph_name = f"graph_{next(_graph_ids)}"
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        # Names by identity, looked up now rather than at optimize: FSDP2 swaps in new unsharded parameters
+        # for each forward, so the tensors a graph is compiled with are not the ones optimize saw.
+        names = {}
+        if model is not None:
+            names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+            names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
         ctx = PassContext(graph_name, {n: names.get(id(t)) for n, t in zip(placeholders, example_inputs)},
                           config=config)
         dump_dir = config.dump_dir or os.environ.get("FXOPT_DUMP")

@@ -27,6 +27,11 @@ class OptimizeConfig:
                    fusion saves, so by default they are not: `outputs.logits` is an empty [batch, 0, vocab]
                    tensor there (eval/no_grad forwards return real logits). True keeps them (and the loss
                    is then left unfused).
+    deterministic: bitwise-identical results run to run (same inputs, same machine): fxopt's Triton kernels take
+                   the first config of their tuning list instead of the fastest measured (timing noise could
+                   pick another block size, so another summation order), and torch's deterministic algorithms
+                   are turned on (warn only), which also makes Inductor filter its reduction configs.
+                   Process-wide once set (torch's switch is global). Slower kernels: for debugging and tests.
     cudagraphs:    replay each compiled region as a CUDA graph (Inductor's CUDA graph trees), default on:
                    it removes the CPU cost of launching kernels, which bounds a step once the GPU work is
                    fused (dense workload, H100: 62.0k tokens/s with, 44.5-52.4k without). A graph meeting a
@@ -44,6 +49,7 @@ class OptimizeConfig:
     verbose: bool = False
     keep_logits: bool = False
     cudagraphs: bool = True
+    deterministic: bool = False
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -59,7 +65,7 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig.inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str,)) and not hasattr(self.dump_dir, "__fspath__"):
             raise TypeError(f"OptimizeConfig.dump_dir must be a path or None, got {type(self.dump_dir).__name__}")
-        for name in ("regional", "verbose", "cudagraphs", "keep_logits"):
+        for name in ("regional", "verbose", "cudagraphs", "keep_logits", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"OptimizeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):

@@ -45,9 +45,16 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
 
 def _plain(compiled):
     def forward(*args, **kwargs):
-        return compiled(*args, **kwargs)
+        with _NO_DDP_SPLIT:
+            return compiled(*args, **kwargs)
 
     return forward
+
+
+# Inside a DistributedDataParallel forward, Dynamo splits every graph it compiles at DDP's gradient-bucket
+# boundaries (its DDPOptimizer): a block's LoRA linears would land in different graphs and some go unmatched
+# (seen with the tiny model under gloo). A block is already one unit of DDP's overlap, so blocks compile whole.
+_NO_DDP_SPLIT = torch._dynamo.config.patch(optimize_ddp=False)
 
 
 def _checkpointed(block: nn.Module, compiled):
@@ -60,9 +67,10 @@ def _checkpointed(block: nn.Module, compiled):
     fxopt (use_cache is off), which is what HF's wrapper would otherwise strip."""
 
     def forward(*args, **kwargs):
-        if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
-            return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
-        return compiled(*args, **kwargs)
+        with _NO_DDP_SPLIT:
+            if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
+                return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
+            return compiled(*args, **kwargs)
 
     return forward
 

@@ -3,6 +3,7 @@ TRITON_INTERPRET=1), where their outputs come from, and how they are launched.""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import Tensor
@@ -47,12 +48,26 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+DETERMINISTIC = False  # set by fxopt.optimize(deterministic=True): no autotuning (see OptimizeConfig)
+
+
+def set_deterministic() -> None:
+    global DETERMINISTIC
+    DETERMINISTIC = True
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for deterministic GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
-    autotuning is pointless, and what a caller gets that turned tuning off."""
+    autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
+    config of the tuning list: the same every run."""
     with on_device(device):
-        if tuned is not None:
+        if tuned is not None and DETERMINISTIC:
+            cfg = tuned.configs[0]
+            kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        elif tuned is not None:
             tuned[grid](*args, **flags)
         else:
             kernel[grid(fixed)](*args, **flags, **fixed)
