@@ -127,10 +127,27 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             sub.add(records)
             print(sub.to_markdown())
         cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        return _inner(config.inner_backend, config.cudagraphs and cuda)(gm, example_inputs)
+        cudagraphs = config.cudagraphs and cuda
+        if cudagraphs and checkpointing(model):
+            cudagraphs = False
+            note = ("gradient checkpointing is on: graphs compile without CUDA graphs (their replays would "
+                    "overwrite outputs that the recompute reads)")
+            if note not in report.notes:
+                report.notes.append(note)
+                warnings.warn(f"fxopt: {note}", stacklevel=2)
+        return _inner(config.inner_backend, cudagraphs)(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile
+
+
+def checkpointing(model) -> bool:
+    """Whether HF gradient checkpointing is active in `model` (a training-mode module with it enabled). With it,
+    the blocks' compiled code runs inside torch.utils.checkpoint and again in the backward recompute, reading
+    the outer graphs' outputs (the rotary embedding) after later CUDA graph replays have reused their memory:
+    on the H200 the recompute failed ("accessing tensor output of CUDAGraphs that has been overwritten")."""
+    return model is not None and any(getattr(m, "gradient_checkpointing", False) is True and m.training
+                                     for m in model.modules())
 
 
 MIN_CAPABILITY = (8, 0)  # bf16 tensor cores, and the oldest GPU the Triton kernels were written for

@@ -8,6 +8,7 @@ block, is reused by the others (its parameters are graph inputs), so 16 blocks c
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -32,47 +33,47 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
         if getattr(block, "_fxopt_compiled", False):
             continue
         inner = getattr(type(block).forward, "__wrapped__", None)
-        if inner is not None and hasattr(block, "gradient_checkpointing"):
-            forward = _checkpointed(block, torch.compile(inner.__get__(block), backend=backend, dynamic=dynamic))
-        else:
-            forward = _plain(torch.compile(block.forward, backend=backend, dynamic=dynamic))
-        # Hidden from the outer trace. The disabled function must be a plain one, not the compiled function
-        # itself: called inside torch.utils.checkpoint (HF's older layers checkpoint around __call__), a
-        # disabled compiled function runs its original code, uncompiled (torch 2.11 and 2.13).
-        block.forward = torch._dynamo.disable(forward, recursive=False)
+        wraps_checkpoint = inner is not None and hasattr(block, "gradient_checkpointing")
+        regular = torch._dynamo.disable(torch.compile(block.forward, backend=backend, dynamic=dynamic),
+                                        recursive=False)
+        compiled = torch.compile(inner.__get__(block) if wraps_checkpoint else block.forward, backend=backend,
+                                 dynamic=dynamic)
+        block.forward = torch._dynamo.disable(_forward(block, regular, compiled, wraps_checkpoint),
+                                              recursive=False)
         block._fxopt_compiled = True
 
 
-def _plain(compiled):
-    def forward(*args, **kwargs):
-        with _NO_DDP_SPLIT:
-            return compiled(*args, **kwargs)
-
-    return forward
-
-
-# Inside a DistributedDataParallel forward, Dynamo splits every graph it compiles at DDP's gradient-bucket
-# boundaries (its DDPOptimizer): a block's LoRA linears would land in different graphs and some go unmatched
-# (seen with the tiny model under gloo). A block is already one unit of DDP's overlap, so blocks compile whole.
-_NO_DDP_SPLIT = torch._dynamo.config.patch(optimize_ddp=False)
-
-
-def _checkpointed(block: nn.Module, compiled):
-    """The block's forward when its class wraps forward in HF's gradient checkpointing (transformers' layers
-    whose `forward` has `__wrapped__`). Compiling that wrapper gets nothing compiled: Dynamo cannot trace the
-    checkpoint call around a body it must not inline, so the whole block runs eagerly. Instead the compiled
-    region is the unwrapped forward, and the block's own checkpoint function (`_gradient_checkpointing_func`,
-    set by gradient_checkpointing_enable, possibly after optimize) runs it, eagerly, around the compiled code:
-    the same recompute-in-backward as HF's, over the fused graph. Training forwards build no KV cache under
-    fxopt (use_cache is off), which is what HF's wrapper would otherwise strip."""
+def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
+    """The block's forward. Not checkpointing: `regular`, `torch._dynamo.disable(torch.compile(forward),
+    recursive=False)`, which is the block's own forward with its frame skipped: the outer model's compile
+    then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient checkpointing that does not work:
+    torch.utils.checkpoint disables Dynamo for everything it calls, so those frames would run eagerly. There
+    the block calls `compiled`, which sets up its own compilation and runs compiled inside the checkpoint:
+    through the block's own checkpoint function when its class wraps forward in it (transformers 5.2x), or
+    directly when HF checkpoints around __call__ (transformers 5.17). The recompute in backward is HF's, over
+    the fused graph. Training forwards build no KV cache under fxopt (use_cache is off), which is what HF's
+    wrapper would otherwise strip. The backend compiles without CUDA graphs while checkpointing is on (see
+    backend.checkpointing)."""
 
     def forward(*args, **kwargs):
-        with _NO_DDP_SPLIT:
-            if block.gradient_checkpointing and block.training and torch.is_grad_enabled():
+        with _no_ddp_split():
+            if not (getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()):
+                return regular(*args, **kwargs)
+            if wraps_checkpoint:
                 return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
             return compiled(*args, **kwargs)
 
     return forward
+
+
+def _no_ddp_split():
+    """Inside a DistributedDataParallel forward, Dynamo splits every graph it compiles at DDP's gradient-bucket
+    boundaries (its DDPOptimizer): a block's LoRA linears would land in different graphs and some go unmatched
+    (seen with the tiny model under gloo). A block is already one unit of DDP's overlap, so blocks compile
+    whole. Only inside DDP (no config change per call otherwise)."""
+    if torch.nn.parallel.DistributedDataParallel._get_active_ddp_module() is None:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(optimize_ddp=False)
 
 
 @torch._dynamo.disable
