@@ -262,3 +262,15 @@ def test_old_gpu_leaves_graphs_unchanged(monkeypatch):
     assert not supported and "sm_70" in note and "unchanged" in note
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert kernel_support(torch.device("cuda"))[0]
+
+
+def test_cuda_graphs_are_refused_under_checkpointing_only_when_active():
+    from fxopt.backend import no_cudagraphs_reason
+
+    model = tiny_lora_model("llama")
+    assert no_cudagraphs_reason(model) is None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert "gradient checkpointing" in no_cudagraphs_reason(model)
+    model.eval()  # HF checkpoints only in training mode
+    assert no_cudagraphs_reason(model) is None
