@@ -60,7 +60,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, on_device, tanh, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, on_device, tanh, use_triton, with_fallback
 
 _INTERPRETED = False
 LOG2E = 1.4426950408889634
@@ -441,7 +441,7 @@ _new_output = new_output  # tests poison this module's outputs through it
 
 
 def _use_triton(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return use_triton(_INTERPRETED, q, k, v) and q.shape[-1] <= MAX_HEAD_DIM
+    return use_triton(_INTERPRETED, q, k, v, family=__name__) and q.shape[-1] <= MAX_HEAD_DIM
 
 
 def _num_blocks(n: int, block: int) -> int:
@@ -595,6 +595,7 @@ def _torch_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, key
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fxopt::flash_attention", mutates_args=())
+@with_fallback
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: int, softcap: float,
                     key_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs)); lse is returned
@@ -631,6 +632,7 @@ def _(q, k, v, scale, causal, window, softcap, key_padding=None):
 
 
 @torch.library.custom_op("fxopt::flash_attention_backward", mutates_args=())
+@with_fallback
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float, causal: bool, window: int, softcap: float,
                              key_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,10 @@ TRITON_INTERPRET=1), where their outputs come from, and how they are launched.""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -23,13 +26,15 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def use_triton(is_interpreted: bool, *tensors: Tensor | None, bf16_interpreted: bool = False) -> bool:
+def use_triton(is_interpreted: bool, *tensors: Tensor | None, bf16_interpreted: bool = False,
+               family: str | None = None) -> bool:
     """Whether an op runs its Triton kernels on these tensors: always on CUDA, on the CPU only when its kernels
     are interpreted. There, bf16 takes the torch math unless the family says its kernels are right in bf16
     (the interpreter's tl.dot on bf16 operands is wrong and its fp32 -> bf16 cast truncates): those are
-    tested on the GPU. Dtypes the kernels do not take (e.g. float64) always take the torch math."""
+    tested on the GPU. Dtypes the kernels do not take (e.g. float64) always take the torch math, and so does
+    a family (its module's __name__) whose kernel failed to compile here (FAILED)."""
     ts = [t for t in tensors if t is not None]
-    if triton is None or any(t.dtype not in KERNEL_DTYPES for t in ts):
+    if triton is None or family in FAILED or any(t.dtype not in KERNEL_DTYPES for t in ts):
         return False
     if ts[0].is_cuda:
         return True
@@ -48,6 +53,59 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+FAILED: set[str] = set()  # kernel families (module names) whose Triton kernel failed to compile in this process
+
+
+class KernelFailed(RuntimeError):
+    """A Triton kernel failed to compile (its family is in FAILED now); `with_fallback` reruns the op."""
+
+
+def _compile_errors() -> tuple[type, ...]:
+    errors = []
+    for module, name in (("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def kernel_scope(kernel, device: torch.device):
+    """Around a kernel launch: on the tensors' device, and a compile failure (a Triton version or GPU the
+    kernel does not suit) becomes one warning naming the kernel, the family's switch to its PyTorch math
+    (FAILED) and KernelFailed, which `with_fallback` turns into a rerun of the op on that math."""
+    try:
+        with on_device(device):
+            yield
+    except _compile_errors() as e:
+        fn = getattr(kernel, "fn", kernel)
+        fn = getattr(fn, "fn", fn)  # an autotuner wraps the jitted function
+        family, name = getattr(fn, "__module__", "?"), getattr(fn, "__name__", "?")
+        FAILED.add(family)
+        warnings.warn(f"fxopt: Triton kernel {name} ({family}) failed to compile here ({type(e).__name__}: "
+                      f"{str(e)[:300]}); the ops of {family} run their PyTorch reference math from now on")
+        raise KernelFailed(family) from e
+
+
+def with_fallback(op):
+    """Decorates an op's body (under torch.library.custom_op): after a kernel compile failure, run it again,
+    now on its family's PyTorch math."""
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except KernelFailed:
+            return op(*args, **kwargs)
+
+    # custom_op reads the schema from the signature: give it the op's, its string annotations resolved in the
+    # op's module (this module lacks the names they use)
+    del run.__wrapped__
+    run.__signature__ = inspect.signature(op, eval_str=True)
+    return run
+
+
 DETERMINISTIC = False  # set by fxopt.optimize(deterministic=True): no autotuning (see OptimizeConfig)
 
 
@@ -63,7 +121,7 @@ def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.de
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
     config of the tuning list: the same every run."""
-    with on_device(device):
+    with kernel_scope(tuned if tuned is not None else kernel, device):
         if tuned is not None and DETERMINISTIC:
             cfg = tuned.configs[0]
             kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

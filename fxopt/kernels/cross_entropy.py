@@ -55,7 +55,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, tanh, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, tanh, use_triton, with_fallback
 
 _INTERPRETED = False
 
@@ -128,7 +128,7 @@ if triton is not None:
 
 def _use_triton(x: Tensor) -> bool:
     # the row kernel has no tl.dot and rounds like the GPU: bf16 is right in the interpreter too
-    return use_triton(_INTERPRETED, x, bf16_interpreted=True)
+    return use_triton(_INTERPRETED, x, bf16_interpreted=True, family=__name__)
 
 
 _new_output = new_output  # tests poison this module's outputs through it
@@ -249,6 +249,7 @@ def _forward(x, weight, bias, labels, ignore_index, softcap, need_dx, need_dw, n
 
 
 @torch.library.custom_op("fxopt::linear_cross_entropy", mutates_args=())
+@with_fallback
 def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                          softcap: float, need_grads: list[bool]) -> list[Tensor]:
     """Returns [loss] + [grad_x if need_grads[0]] + [grad_weight if need_grads[1]] + [grad_bias if

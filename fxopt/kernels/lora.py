@@ -32,7 +32,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
 
 _INTERPRETED = False
 
@@ -127,7 +127,7 @@ _new_output = new_output  # tests poison this module's outputs through it
 
 
 def _use_triton(*tensors: Tensor) -> bool:
-    return use_triton(_INTERPRETED, *tensors)
+    return use_triton(_INTERPRETED, *tensors, family=__name__)
 
 
 # Which GEMM runs the op on CUDA: "triton" (the fused kernel above), "cublas" (cuBLAS base GEMM, then the
@@ -264,6 +264,7 @@ def _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
 
 
 @torch.library.custom_op("fxopt::lora_linear", mutates_args=())
+@with_fallback
 def lora_linear(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_as: list[Tensor],
                 lora_bs: list[Tensor], scalings: list[float], x_lora: Optional[Tensor],
                 has_bias: list[bool]) -> list[Tensor]:
@@ -285,6 +286,7 @@ def _(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
 
 
 @torch.library.custom_op("fxopt::lora_linear_backward", mutates_args=())
+@with_fallback
 def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor], t: Tensor, weights: list[Tensor],
                          lora_as: list[Tensor], lora_bs: list[Tensor], scalings: list[float], need_dx: bool,
                          need_dw: list[bool], need_db: list[bool]) -> list[Tensor]:

@@ -52,7 +52,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _INTERPRETED = False
@@ -346,7 +346,7 @@ def _act_ref(g: Tensor, activation: str) -> Tensor:
 
 
 def _use_triton(*tensors: Tensor) -> bool:
-    return use_triton(_INTERPRETED, *tensors)
+    return use_triton(_INTERPRETED, *tensors, family=__name__)
 
 
 _new_output = new_output  # tests poison this module's outputs through it
@@ -532,6 +532,7 @@ def _slot_dtype(down: Tensor, topk_weights: Tensor):
 
 
 @torch.library.custom_op("fxopt::moe_experts", mutates_args=())
+@with_fallback
 def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor, down: Tensor,
                 activation: str) -> Tensor:
     """y [T, H] in x's dtype; see the module docstring."""
@@ -557,6 +558,7 @@ def _(x, topk_ids, topk_weights, gate_up, down, activation):
 
 
 @torch.library.custom_op("fxopt::moe_experts_backward", mutates_args=())
+@with_fallback
 def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
                          down: Tensor, activation: str, need_dx: bool, need_dw: bool, need_dgate_up: bool,
                          need_ddown: bool) -> list[Tensor]:

@@ -43,7 +43,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
 
 # The two 16-entry tables, as bitsandbytes defines them (tests check they are equal to bnb's get_4bit_type).
 # nf4: quantiles of N(0, 1) scaled to [-1, 1]; fp4: 1 sign bit, 2 exponent bits, 1 mantissa bit, in bit-pattern
@@ -452,7 +452,7 @@ _new_output = new_output  # tests poison this module's outputs through it
 
 
 def _use_triton(*tensors) -> bool:
-    return use_triton(_INTERPRETED, *tensors)
+    return use_triton(_INTERPRETED, *tensors, family=__name__)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -593,6 +593,7 @@ def _matmul_dx(dy: Tensor, q: _Quant, u: Optional[Tensor], a: Optional[Tensor], 
 
 
 @torch.library.custom_op("fxopt::linear_4bit", mutates_args=())
+@with_fallback
 def linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
                 offset: Optional[Tensor], code: Optional[Tensor], bias: Optional[Tensor], n: int, k: int,
                 blocksize: int, quant_type: str) -> Tensor:
@@ -608,6 +609,7 @@ def _(x, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, q
 
 
 @torch.library.custom_op("fxopt::linear_4bit_dx", mutates_args=())
+@with_fallback
 def linear_4bit_dx(grad: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
                    code2: Optional[Tensor], offset: Optional[Tensor], code: Optional[Tensor], n: int, k: int,
                    blocksize: int, quant_type: str) -> Tensor:
@@ -646,6 +648,7 @@ linear_4bit.register_autograd(_backward_linear, setup_context=_setup_linear)
 
 
 @torch.library.custom_op("fxopt::lora_linear_4bit", mutates_args=())
+@with_fallback
 def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
                      offset: Optional[Tensor], code: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor,
                      lora_b: Tensor, scaling: float, x_lora: Optional[Tensor], n: int, k: int, blocksize: int,
@@ -674,6 +677,7 @@ def _(x, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, sc
 
 
 @torch.library.custom_op("fxopt::lora_linear_4bit_backward", mutates_args=())
+@with_fallback
 def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Tensor, absmax: Tensor,
                               absmax2: Optional[Tensor], code2: Optional[Tensor], offset: Optional[Tensor],
                               code: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float, n: int, k: int,

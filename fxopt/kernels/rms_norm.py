@@ -35,7 +35,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, new_output, on_device, use_triton
+from fxopt.kernels.common import interpreted, kernel_scope, new_output, use_triton, with_fallback
 
 _INTERPRETED = False
 # Longest row kept in registers; longer rows are processed in chunks of this size (tests lower it to
@@ -186,7 +186,7 @@ if triton is not None:
 
 def _use_triton(t: Tensor) -> bool:
     """t: the normalised input; every rounding the kernels do is to its dtype."""
-    return use_triton(_INTERPRETED, t)
+    return use_triton(_INTERPRETED, t, family=__name__)
 
 
 _new_output = new_output  # tests poison this module's outputs through it
@@ -233,6 +233,7 @@ def _torch_forward(x2, r2, weight, eps, offset, cast_then_scale, out_dtype):
 
 
 @torch.library.custom_op("fxopt::rms_norm", mutates_args=())
+@with_fallback
 def rms_norm(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, offset: float,
              cast_then_scale: bool) -> list[Tensor]:
     """Returns [out, rstd], or [out, s, rstd] with a residual; rstd has x's leading shape (fp32)."""
@@ -250,7 +251,7 @@ def rms_norm(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, 
         rstd = _new_output((m,), torch.float32, x.device)
         if m > 0 and n > 0:
             block_m, block_n, one_tile, warps = _blocks(n)
-            with on_device(x.device):
+            with kernel_scope(_rms_norm_fwd_kernel, x.device):
                 _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
                     x2, x2 if r2 is None else r2, weight, out, out if s is None else s, rstd, m, n,
                     x2.stride(0), 0 if r2 is None else r2.stride(0), float(eps), float(offset),
@@ -299,6 +300,7 @@ def _programs(m: int, block_m: int, device) -> int:
 
 
 @torch.library.custom_op("fxopt::rms_norm_backward", mutates_args=())
+@with_fallback
 def rms_norm_backward(grad_out: Tensor, grad_s: Optional[Tensor], xs: Tensor, weight: Tensor, rstd: Tensor,
                       offset: float, cast_then_scale: bool, need_dx: bool, need_dw: bool) -> list[Tensor]:
     """Returns [dx if need_dx] + [dweight if need_dw]; xs is the normalised input (x, or s with a residual),
@@ -321,7 +323,7 @@ def rms_norm_backward(grad_out: Tensor, grad_s: Optional[Tensor], xs: Tensor, we
             part = (_new_output(shape, torch.float32, xs.device) if one_tile
                     else torch.zeros(shape, dtype=torch.float32, device=xs.device))
         if programs > 0 and (need_dx or need_dw):
-            with on_device(xs.device):
+            with kernel_scope(_rms_norm_bwd_kernel, xs.device):
                 _rms_norm_bwd_kernel[(programs,)](
                     dy2, dy2 if ds2 is None else ds2, xs2, weight, rstd1, dx if need_dx else dy2,
                     part if need_dw else dy2, m, n, dy2.stride(0), 0 if ds2 is None else ds2.stride(0),

@@ -159,3 +159,47 @@ def test_fp32_adapter_keeps_fp32_accuracy_gpu():
     da64, db64 = torch.autograd.grad(ref, [a64, b64], dy.double())
     assert rel(da, da64) < 1e-4 and rel(db, db64) < 1e-4
     assert rel(out, ref) < 1e-2
+
+
+def test_kernel_that_fails_to_compile_falls_back_to_the_reference(monkeypatch):
+    """A kernel that fails to compile (here: a stand-in raising the compile error type) makes one warning naming
+    it, and the op, forward and backward, returns the reference's result on its torch math from then on."""
+    import warnings
+
+    from fxopt.kernels import common, lora
+
+    class Broken(Exception):
+        pass
+
+    def _lora_matmul_kernel():
+        pass
+
+    _lora_matmul_kernel.__module__ = lora.__name__
+
+    class Kernel:
+        fn = _lora_matmul_kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise Broken("ptxas: unsupported instruction")
+            return run
+
+    monkeypatch.setattr(common, "_compile_errors", lambda: (Broken,))
+    monkeypatch.setattr(common, "FAILED", set())
+    monkeypatch.setattr(lora, "_lora_matmul_kernel", Kernel())
+    monkeypatch.setattr(lora, "_tuned_kernel", None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 24, generator=g).requires_grad_()
+    w, a, b = torch.randn(10, 24, generator=g), torch.randn(3, 24, generator=g), torch.randn(10, 3, generator=g)
+    a.requires_grad_()
+    b.requires_grad_()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = lora_linear_fn(x, [w], [None], [a], [b], [0.5])[0]
+        grads = torch.autograd.grad(out.sum(), (x, a, b))
+    said = [str(m.message) for m in seen if "failed to compile" in str(m.message)]
+    assert len(said) == 1 and "_lora_matmul_kernel" in said[0] and common.FAILED == {lora.__name__}
+    want = reference(x, [w], [None], [a], [b], [0.5])[0]
+    assert rel(out, want) < 1e-6
+    for got, exp in zip(grads, torch.autograd.grad(want.sum(), (x, a, b))):
+        assert rel(got, exp) < 1e-6
