@@ -1,0 +1,69 @@
+"""Edge inputs on an optimized model, each against the unoptimized model: batch 1 and length 1, packed
+(padding-free) batches whose lengths vary with position_ids restarting per sequence (no recompile after the
+first dynamic one), and NaN/inf in the inputs (propagated where the unoptimized model propagates them)."""
+import torch
+from torch._dynamo.utils import counters
+
+import fxopt
+from tests.models import assert_same_training, batch, rel_err, tiny_lora_model, twin
+
+
+def _optimized_pair(**lora):
+    model = tiny_lora_model("llama", **lora)
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    return model, ref
+
+
+def test_batch_one_and_length_one():
+    model, ref = _optimized_pair()
+    assert_same_training(model, ref, batch(seq=2, bsz=1))  # the shortest sequence that has a target
+    ids = torch.tensor([[5]])
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert got.shape == (1, 1, 128) and rel_err(got, want) < 1e-5
+    with torch.no_grad():  # one token, labels: no target after the shift, a NaN loss in both
+        assert torch.isnan(model(input_ids=ids, labels=ids).loss) and torch.isnan(ref(input_ids=ids, labels=ids).loss)
+
+
+def _packed(lengths, vocab=128, seed=0):
+    """One row of sequences back to back, position_ids restarting at each, labels -100 at each sequence start
+    (what a padding-free collator gives)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    labels[0, torch.cumsum(torch.tensor([0] + list(lengths[:-1])), 0)] = -100
+    return dict(input_ids=ids, position_ids=pos, labels=labels)
+
+
+def test_packed_batches_of_varying_length_compile_once_dynamic():
+    """optimize turns the model's use_cache off (no KV cache in training), and transformers masks packed
+    sequences apart (from position_ids) only without a cache: so the reference runs with use_cache=False too
+    (with the default use_cache=True the unoptimized loss differs: one causal mask over the whole row)."""
+    model, ref = _optimized_pair()
+    ref.config.use_cache = False
+    batches = [_packed(ls, seed=i) for i, ls in enumerate([(7, 9), (5, 6, 12), (30,), (3, 4, 5, 6), (11, 2)])]
+    for b in batches[:2]:  # the second length marks the sequence dynamic: one more compile
+        assert_same_training(model, ref, b)
+    before = counters["stats"]["unique_graphs"]
+    for b in batches[2:]:
+        assert_same_training(model, ref, b)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_nan_and_inf_propagate_as_the_unoptimized_model():
+    model, ref = _optimized_pair()
+    model.eval()
+    ref.eval()
+    emb = ref.get_input_embeddings()(batch(seq=12, bsz=2)["input_ids"]).detach()
+    emb[0, 4, 3] = float("nan")
+    emb[1, 7, :] = float("inf")
+    with torch.no_grad():
+        got, want = model(inputs_embeds=emb).logits, ref(inputs_embeds=emb).logits
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.isnan(want).any()  # the case does reach the output
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) < 1e-5
