@@ -67,3 +67,25 @@ def test_nan_and_inf_propagate_as_the_unoptimized_model():
     assert torch.isnan(want).any()  # the case does reach the output
     finite = torch.isfinite(want)
     assert rel_err(got[finite], want[finite]) < 1e-5
+
+
+def test_module_without_matches_runs_unchanged_and_the_report_says_so():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    ref = twin(net)
+    fxopt.optimize(net, inner_backend="aot_eager")
+    x = torch.randn(3, 8)
+    assert torch.allclose(net(x), ref(x), rtol=1e-6, atol=1e-7)
+    report = fxopt.report(net)
+    assert not report.records and "No pass matched anything" in report.to_markdown()
+
+
+def test_float64_model_trains_as_unoptimized():
+    """A dtype the kernels do not take: the LoRA pass leaves the linears alone (reported) and the model trains
+    exactly as the unoptimized one."""
+    model, ref = _optimized_pair()
+    model.double()
+    ref.double()
+    assert_same_training(model, ref, batch(), tol=1e-12)
+    rejected = fxopt.report(model).rejected("lora")
+    assert rejected and all("float64" in r.reason for r in rejected) and not fxopt.report(model).matched("lora")
