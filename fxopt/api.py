@@ -42,10 +42,25 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
         compile_blocks(found[1], backend, config.dynamic)
+    model.register_forward_pre_hook(_same_device_as_weights, with_kwargs=True)
     model.compile(backend=backend, dynamic=config.dynamic)
     model._fxopt_report = report
     model._fxopt_config = config
     return model
+
+
+@torch._dynamo.disable
+def _same_device_as_weights(module: nn.Module, args, kwargs) -> None:
+    """The compiled call is bound to this model. nn.DataParallel copies a module's attributes into per-GPU
+    replicas, so each replica would run this model's compiled code with its own GPU's inputs (seen with HF
+    Trainer on a 2-GPU host without torchrun: a device mismatch deep inside Dynamo). Say so instead."""
+    x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    weight = next(module.parameters(), None)
+    if isinstance(x, torch.Tensor) and weight is not None and x.device != weight.device:
+        raise RuntimeError(
+            f"fxopt: the model's input is on {x.device} but its weights are on {weight.device}. fxopt does not "
+            "support nn.DataParallel (HF Trainer uses it on several GPUs when not launched by torchrun): launch "
+            "with torchrun for DistributedDataParallel, or make one GPU visible (CUDA_VISIBLE_DEVICES=0).")
 
 
 def report(model: nn.Module) -> Report:

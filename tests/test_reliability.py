@@ -83,9 +83,31 @@ def test_module_without_matches_runs_unchanged_and_the_report_says_so():
 def test_float64_model_trains_as_unoptimized():
     """A dtype the kernels do not take: the LoRA pass leaves the linears alone (reported) and the model trains
     exactly as the unoptimized one."""
+    torch._dynamo.reset()  # earlier tests' compiles of the same block code count toward Dynamo's recompile limit
     model, ref = _optimized_pair()
     model.double()
     ref.double()
     assert_same_training(model, ref, batch(), tol=1e-12)
     rejected = fxopt.report(model).rejected("lora")
     assert rejected and all("float64" in r.reason for r in rejected) and not fxopt.report(model).matched("lora")
+
+
+def test_block_input_on_another_device_than_its_weights_is_a_clear_error():
+    """What an nn.DataParallel replica does (it runs the original block's forward on its own GPU's input): a
+    clear error naming DataParallel, not a device mismatch deep inside the compiled code."""
+    import pytest
+
+    model, _ = _optimized_pair()
+    layer = model.base_model.model.model.layers[0]
+    x = torch.randn(1, 4, 64, device="meta")
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        layer(x, position_embeddings=None)
+
+
+def test_input_on_another_device_than_the_weights_is_a_clear_error():
+    """The same at the model's entry (a DataParallel replica runs the optimized model's compiled call)."""
+    import pytest
+
+    model, _ = _optimized_pair()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))  # as Trainer calls it
