@@ -58,7 +58,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from kernel_results import md_cell, parser, write  # noqa: E402
-from train_step import QUANTIZED, TINY, TINY_BATCH, TINY_MOE, TINY_SEQ, WORKLOADS, _git_state, _versions  # noqa: E402
+from train_step import (  # noqa: E402
+    QUANTIZED, TINY, TINY_BATCH, TINY_MOE, TINY_SEQ, WORKLOADS, _git_state, _versions, timed_steps)
 
 MODES = ["ddp", "fsdp2"]
 SETUPS = ["eager", "compile", "fxopt", "fxopt_no_cudagraphs"]
@@ -184,20 +185,7 @@ def run_setup(args, setup, device, rank, world) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    sync()
-    t0 = time.perf_counter()
-    losses = [step()]
-    sync()
-    first_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        losses.append(step())
-    times = []
-    for _ in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - t0)
+    losses, first_s, times = timed_steps(step, sync, args.warmup, args.steps)
     losses = torch.stack(losses).float()
     dist.all_reduce(losses)  # the mean over ranks: every rank's batch has the same number of tokens
     res.update(

@@ -222,23 +222,9 @@ def worker(args, res: dict) -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach().clone()  # a copy: under CUDA graphs the next step overwrites the loss
 
-    losses = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # peak of the training steps (weights included), as BASELINES
-    sync()
-    t0 = time.perf_counter()
-    losses.append(step())
-    sync()
-    first_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        losses.append(step())
-    times = []
-    for _ in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - t0)
+    losses, first_s, times = timed_steps(step, sync, args.warmup, args.steps)
     if args.profile:
         _profile_step(args, step, torch)
     losses = [x.item() for x in losses]  # .item() only now: a sync inside the timed loop would cost time
@@ -263,6 +249,26 @@ def worker(args, res: dict) -> None:
             res["fxopt_report"] = fxopt.report(model).summary()
         except Exception as e:
             res["fxopt_report"] = f"unavailable: {type(e).__name__}: {e}"
+
+
+def timed_steps(step, sync, warmup: int, steps: int):
+    """(losses of every step, first step s, the timed steps' s): one first step (compilation included), warmup
+    untimed steps, then `steps` steps each timed between device syncs."""
+    sync()
+    t0 = time.perf_counter()
+    losses = [step()]
+    sync()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        losses.append(step())
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - t0)
+    return losses, first_s, times
 
 
 def _profile_step(args, step, torch):
