@@ -119,13 +119,11 @@ def test_trl_sft_trainer_trains_optimized_model(tmp_path):
     before = _trained(model)
     fxopt.optimize(model, inner_backend="aot_eager")
     data = Dataset.from_dict({"input_ids": [row.tolist() for row in Tokens(8).ids]})
-    # SFTConfig turns gradient checkpointing on (the trainer enables it after optimize: the blocks must stay
-    # compiled). bf16=False: its default autocast on an fp32 model is not fused by the LoRA pass (reported as
-    # rejected, the graph left as is; see README).
+    # SFTConfig's defaults: gradient checkpointing on (the trainer enables it after optimize: the blocks must
+    # stay compiled) and bf16 autocast on this fp32 model (the LoRA linears fused under autocast)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
-                         use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-2, max_length=16,
-                         bf16=False)
-    assert args.gradient_checkpointing
+                         use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-2, max_length=16)
+    assert args.gradient_checkpointing and args.bf16
     result = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer()).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert len({r.location for r in fxopt.report(model).matched("lora")}) == 7

@@ -14,6 +14,7 @@ layer, a bias on an adapter matrix, and any intermediate value used elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class LoraMatch:
     out: fx.Node  # the node whose value the op replaces
     consumed: list  # nodes of the pattern that die once `out` is replaced, in graph order
     location: str
+    compute: torch.dtype | None = None  # under autocast: its dtype, which the op's operands are cast to
 
 
 def adapter_root(xl, stop=None):
@@ -99,6 +101,18 @@ def adapter_scale(mul, u) -> float:
     return float(other)
 
 
+def autocast_dtype(x: fx.Node):
+    """The dtype autocast computes x's linears in, when this graph is compiled under an active autocast (its
+    state is global while Dynamo traces, and guarded by the compiled code) and no autocast region starts or
+    ends inside the graph; else None."""
+    xv = value(x)
+    if xv is None or not torch.is_autocast_enabled(xv.device.type):
+        return None
+    if any(n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in x.graph.nodes):
+        return None
+    return torch.get_autocast_dtype(xv.device.type)
+
+
 def _check_single_use(node, what):
     if len(node.users) != 1:
         raise Reject(f"{what} is also used elsewhere ({len(node.users)} users)")
@@ -149,26 +163,32 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
     xv, addv = value(x), value(add)
     if xv is None or addv is None:
         raise Reject("no recorded tensor metadata")
-    if addv.dtype != xv.dtype:
+    compute = autocast_dtype(x)  # under autocast every linear here computes in its dtype
+    want = compute or xv.dtype
+    if addv.dtype != want:
         cast = only_user(add)
-        if cast is None or cast_dtype(cast) != xv.dtype:
-            raise Reject(f"the {addv.dtype} sum is used before being cast back to {xv.dtype}")
+        if cast is None or cast_dtype(cast) != want:
+            raise Reject(f"the {addv.dtype} sum is used before being cast back to {want}")
         out = cast
         consumed.append(cast)
     for a in out.users:
         if is_call(a, ADD_TARGETS) and any(adapter_branch(arg) for arg in a.args if arg is not out):
             raise Reject("several active adapters on one layer: not supported")
-    _guard(x, x_lora, weight, bias, lora_a, lora_b)
+    _guard(x, x_lora, weight, bias, lora_a, lora_b, compute)
     return LoraMatch(x, x_lora, weight, bias, lora_a, lora_b, scale, out, consumed,
-                     ctx.locate(weight, module_path(add, ctx.prefix)))
+                     ctx.locate(weight, module_path(add, ctx.prefix)), compute)
 
 
-def _guard(x, x_lora, weight, bias, lora_a, lora_b):
-    """What fxopt::lora_linear supports; decided on static sizes only (the token count stays symbolic)."""
+def _guard(x, x_lora, weight, bias, lora_a, lora_b, compute=None):
+    """What fxopt::lora_linear supports; decided on static sizes only (the token count stays symbolic).
+    compute: the autocast dtype, when the op will get every operand cast to it (as autocast casts them)."""
     xv, wv, av, bv = value(x), value(weight), value(lora_a), value(lora_b)
     if any(v is None for v in (xv, wv, av, bv)):
         raise Reject("no recorded tensor metadata")
-    if xv.dtype not in FLOATS or wv.dtype != xv.dtype:
+    if compute is not None:
+        if compute not in FLOATS or any(v.dtype not in FLOATS for v in (xv, wv, av, bv)):
+            raise Reject(f"autocast to {compute} with operands {xv.dtype}/{wv.dtype}/{av.dtype} not supported")
+    elif xv.dtype not in FLOATS or wv.dtype != xv.dtype:
         raise Reject(f"input/weight dtypes {xv.dtype}/{wv.dtype} not supported (need equal fp32/fp16/bf16)")
     if av.dtype not in FLOATS or bv.dtype != av.dtype:
         raise Reject(f"adapter dtypes {av.dtype}/{bv.dtype} not supported")
@@ -184,7 +204,7 @@ def _guard(x, x_lora, weight, bias, lora_a, lora_b):
         raise Reject(f"shape mismatch W{[n, k]} A{[r, ka]} B{[nb, rb]} x[..., {kx}]")
     if bias is not None:
         biasv = value(bias)
-        if biasv is None or biasv.dtype != xv.dtype or tuple(biasv.shape) != (n,):
+        if biasv is None or (compute is None and biasv.dtype != xv.dtype) or tuple(biasv.shape) != (n,):
             raise Reject("bias of unexpected dtype or shape")
     if len({t.device for t in (xv, wv, av, bv)}) != 1:
         raise Reject("tensors on different devices")
@@ -225,10 +245,11 @@ def _rewrite(gm, group, order):
     m0 = group[0]
     anchor = max((n for n in _inputs(group) if isinstance(n, fx.Node)), key=order.__getitem__)
     replaced = {}
-    args = (m0.x, [m.weight for m in group], [m.bias for m in group if m.bias is not None],
-            [m.lora_a for m in group], [m.lora_b for m in group], [m.scaling for m in group], m0.x_lora,
-            [m.bias is not None for m in group])
-    with graph.inserting_after(anchor):
+    with graph.inserting_before(anchor.next):
+        cast = functools.partial(_cast, graph, m0.compute)  # autocast: the casts autocast would make
+        args = (cast(m0.x), [cast(m.weight) for m in group], [cast(m.bias) for m in group if m.bias is not None],
+                [cast(m.lora_a) for m in group], [cast(m.lora_b) for m in group], [m.scaling for m in group],
+                cast(m0.x_lora), [m.bias is not None for m in group])
         op = graph.call_function(torch.ops.fxopt.lora_linear.default, args)
     op.meta.update({k: v for k, v in m0.out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     op.meta["example_value"] = [value(m.out) for m in group]
@@ -251,6 +272,15 @@ def _rewrite(gm, group, order):
             if not n.users:
                 graph.erase_node(n)
     return replaced
+
+
+def _cast(graph, dtype, node):
+    v = value(node) if isinstance(node, fx.Node) else None
+    if dtype is None or v is None or v.dtype == dtype:
+        return node
+    c = graph.call_method("to", (node, dtype))
+    c.meta["example_value"] = v.new_empty(v.shape, dtype=dtype)
+    return c
 
 
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
@@ -279,6 +309,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             fused = f" (one op with {', '.join(n.rsplit('.', 1)[-1] for n in names if n != m.location)})" if len(group) > 1 else ""
             detail = f"fxopt::lora_linear, r={static_int(value(m.lora_a).shape[0])}, scale={m.scaling:g}"
             detail += ", dropout kept" if m.x_lora is not None else ""
+            detail += f", under autocast to {str(m.compute).removeprefix('torch.')}" if m.compute else ""
             records.append(MatchRecord(NAME, m.location, "matched", detail + fused, ctx.graph_name))
     if matches:
         gm.graph.lint()
