@@ -56,7 +56,6 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
     backend.checkpointing)."""
 
     def forward(*args, **kwargs):
-        _check_not_replica(block, args[0] if args else next(iter(kwargs.values()), None))
         with _no_ddp_split():
             if not (getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()):
                 return regular(*args, **kwargs)
@@ -65,20 +64,6 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
             return compiled(*args, **kwargs)
 
     return forward
-
-
-def _check_not_replica(block: nn.Module, x) -> None:
-    """The forward is bound to the block it was made for. nn.DataParallel copies a module's attributes into
-    per-GPU replicas, so a replica would run the original block, its weights on another GPU: say so instead
-    (seen with HF Trainer on a 2-GPU host without torchrun: it wraps the model in DataParallel)."""
-    if not isinstance(x, torch.Tensor):
-        return
-    weight = next(block.parameters(), None)
-    if weight is not None and weight.device != x.device:
-        raise RuntimeError(
-            f"fxopt: a block's input is on {x.device} but its weights are on {weight.device}. fxopt does not "
-            "support nn.DataParallel (HF Trainer uses it on several GPUs when not launched by torchrun): launch "
-            "with torchrun for DistributedDataParallel, or make one GPU visible (CUDA_VISIBLE_DEVICES=0).")
 
 
 def _no_ddp_split():
