@@ -1,10 +1,12 @@
 """Regional compilation: compile the repeated decoder block once and reuse it for every block.
 
 The block is found generically: the nn.ModuleList with the most parameters whose children (two or more)
-share one class. Each block's forward becomes a torch.compile'd function hidden from the outer trace by
-`torch._dynamo.disable(recursive=False)`: the outer model (embeddings, masks, final norm, head and loss)
-is compiled as its own graphs and breaks at each block call, and the block's code, compiled for the first
-block, is reused by the others (its parameters are graph inputs), so 16 blocks cost one compile.
+share one class. The block's own forward frame is skipped by the outer trace
+(`torch._dynamo.disable(recursive=False)`): the outer model (embeddings, masks, final norm, head and loss) is
+compiled as its own graphs and breaks at each block call, the frames the block calls are compiled with the
+fxopt backend, and that code, compiled for the first block, is reused by the others (their parameters are
+graph inputs), so 16 blocks cost one compile. Under HF gradient checkpointing the block runs a compilation
+of its own instead (see _forward).
 """
 from __future__ import annotations
 
@@ -46,18 +48,20 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
 def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
     """The block's forward. Not checkpointing: `regular`, `torch._dynamo.disable(torch.compile(forward),
     recursive=False)`, which is the block's own forward with its frame skipped: the outer model's compile
-    then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient checkpointing that does not work:
-    torch.utils.checkpoint disables Dynamo for everything it calls, so those frames would run eagerly. There
+    then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient
+    checkpointing that does not work: torch.utils.checkpoint disables Dynamo for everything it calls, so
+    those frames would run eagerly. There
     the block calls `compiled`, which sets up its own compilation and runs compiled inside the checkpoint:
     through the block's own checkpoint function when its class wraps forward in it (transformers 5.2x), or
     directly when HF checkpoints around __call__ (transformers 5.17). The recompute in backward is HF's, over
     the fused graph. Training forwards build no KV cache under fxopt (use_cache is off), which is what HF's
     wrapper would otherwise strip. The backend compiles without CUDA graphs while checkpointing is on (see
-    backend.checkpointing)."""
+    backend.no_cudagraphs_reason)."""
 
     def forward(*args, **kwargs):
         with _no_ddp_split():
-            if not (getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled()):
+            checkpointing = getattr(block, "gradient_checkpointing", False) and block.training
+            if not (checkpointing and torch.is_grad_enabled()):
                 return regular(*args, **kwargs)
             if wraps_checkpoint:
                 return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
