@@ -110,9 +110,8 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         before = gm.code if dump_dir else ""
         devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
         supported, note = kernel_support(next(iter(devices)) if len(devices) == 1 else torch.device("cpu"))
-        if note and note not in report.notes:  # one warning per model and cause
-            report.notes.append(note)
-            warnings.warn(f"fxopt: {note}", stacklevel=2)
+        if note:
+            report.note(note)
         records = run_passes(gm, config, ctx) if supported else []
         report.graphs.append(graph_name)
         if report.blocks is not None and any(
@@ -131,10 +130,7 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         why = cudagraphs and no_cudagraphs_reason(model)
         if why:
             cudagraphs = False
-            note = f"{why}: graphs compile without CUDA graphs"
-            if note not in report.notes:
-                report.notes.append(note)
-                warnings.warn(f"fxopt: {note}", stacklevel=2)
+            report.note(f"{why}: graphs compile without CUDA graphs")
         return _inner(config.inner_backend, cudagraphs)(gm, example_inputs)
 
     fxopt_compile.report = report

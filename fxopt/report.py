@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass
 
 
@@ -45,6 +46,12 @@ class Report:
 
     def rejected(self, pass_name: str | None = None) -> list[MatchRecord]:
         return [r for r in self.records if r.status == "rejected" and (pass_name is None or r.pass_name == pass_name)]
+
+    def note(self, text: str) -> None:
+        """Tell the user `text` once per model: a warning now, a NOTE line in the report."""
+        if text not in self.notes:
+            self.notes.append(text)
+            warnings.warn(f"fxopt: {text}", stacklevel=3)
 
     def block_uncompiled(self) -> str | None:
         """Why the repeated block looks uncompiled (graphs of the rest of the model were compiled, none of the

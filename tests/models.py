@@ -1,6 +1,7 @@
 """Tiny real HF models built from their transformers config classes (random weights, no download)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -76,12 +77,15 @@ def assert_same_training(model, ref, b, tol=1e-5, seed=None):
     return loss, grads
 
 
-def assert_no_less_accurate(model, eager, ref32, b, factor=1.5, floor=1e-2):
+def assert_no_less_accurate(model, eager, ref32, b, factor=1.5, floor=1e-2, context=contextlib.nullcontext):
     """Half precision: the optimized `model` and the unoptimized `eager` both carry the rounding of their dtype,
     so each is measured against `ref32` (the same weights computing in fp32). fxopt must not add to it: its loss
     and every gradient within max(floor, factor x eager's error), floor being DESIGN's bf16 tolerance. Returns
     {name: (fxopt's error, eager's error)}."""
-    runs = {k: train_step(m, b) for k, m in (("fxopt", model), ("eager", eager), ("fp32", ref32))}
+    runs = {}
+    with context():  # e.g. autocast: for the two models compared, not the fp32 reference
+        runs.update({k: train_step(m, b) for k, m in (("fxopt", model), ("eager", eager))})
+    runs["fp32"] = train_step(ref32, b)
     (loss, grads), (e_loss, e_grads), (f_loss, f_grads) = runs["fxopt"], runs["eager"], runs["fp32"]
     assert grads.keys() == e_grads.keys() == f_grads.keys() and grads
     errs = {"loss": (rel_err(loss, f_loss), rel_err(e_loss, f_loss))}
