@@ -6,6 +6,7 @@
     liger_compile  Liger-Kernel + torch.compile(model)
     fxopt          fxopt.optimize(model)  (CUDA graphs on, the default)
     fxopt_no_cudagraphs   fxopt.optimize(model, cudagraphs=False)
+    fxopt_no_attention    fxopt.optimize(model, disable=["attention"]) (what the attention pass adds)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
 (workload, setup): first-step seconds (includes compilation), then the median of --steps timed steps after
@@ -68,7 +69,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
 TINY_BATCH, TINY_SEQ = 2, 32
 
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"]
+SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs", "fxopt_no_attention"]
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -201,7 +202,8 @@ def worker(args, res: dict) -> None:
     elif args.setup.startswith("fxopt"):
         import fxopt
 
-        model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs")
+        off = {"disable": ("attention",)} if args.setup == "fxopt_no_attention" else {}  # the pass's own gain
+        model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **off)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["experts_implementation"] = getattr(cfg, "_experts_implementation", None)

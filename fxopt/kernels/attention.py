@@ -158,10 +158,42 @@ if triton is not None:
         return lo, hi, full_lo, full_hi
 
     @triton.jit
-    def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, offs_m, start, end, S, window, stride_kn, stride_kd,
-                    stride_vn, stride_vd, stride_ps, qk_scale, softcap,
+    def _mask_range(SUMMARY, first, n_strips, field_stride, strip0, S, BLOCK: tl.constexpr,
+                    STRIPS: tl.constexpr, OTHER: tl.constexpr):
+        """The blocks (of OTHER positions, multiples of OTHER) to visit for the STRIPS mask strips strip0 ..
+        (BLOCK rows of queries, or BLOCK keys): [lo, hi), and inside it [full_lo, full_hi), blocks every one of
+        those rows sees entirely. SUMMARY + first is field 0 of the four per-strip fields (_mask_summary:
+        first / end of the visible tiles, first / end of the first run of full tiles, in strips of 16).
+        Strips past the end of the sequence are neutral; a strip that sees nothing empties the full range."""
+        offs = strip0 + tl.arange(0, STRIPS)
+        ok = offs < n_strips
+        ptr = SUMMARY + first + offs
+        big = n_strips + 1
+        lo = tl.min(tl.load(ptr, mask=ok, other=big), 0) * 16
+        hi = tl.max(tl.load(ptr + field_stride, mask=ok, other=0), 0) * 16
+        full_lo = tl.max(tl.load(ptr + 2 * field_stride, mask=ok, other=0), 0) * 16
+        full_hi = tl.min(tl.load(ptr + 3 * field_stride, mask=ok, other=big), 0) * 16
+        lo = (lo // OTHER) * OTHER
+        hi = ((tl.minimum(hi, S) + OTHER - 1) // OTHER) * OTHER
+        full_lo = ((full_lo + OTHER - 1) // OTHER) * OTHER
+        full_hi = (tl.minimum(full_hi, S) // OTHER) * OTHER  # a ragged last block is never unmasked
+        hi = tl.maximum(hi, lo)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+        return lo, hi, full_lo, full_hi
+
+    @triton.jit
+    def _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk):
+        """s [BLOCK_M queries, BLOCK_N keys] with the keys the mask hides (and out-of-range ones) at -inf."""
+        ptrs = MASK + offs_m.to(tl.int64)[:, None] * stride_mq + offs_n.to(tl.int64)[None, :] * stride_mk
+        vis = tl.load(ptrs, mask=(offs_m[:, None] < S) & (offs_n[None, :] < S), other=0)
+        return tl.where(vis != 0, s, float("-inf"))
+
+    @triton.jit
+    def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
+                    stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
         """Online softmax over the key blocks [start, end)."""
         offs_d = tl.arange(0, BLOCK_D)
@@ -171,7 +203,10 @@ if triton is not None:
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s, _ = _scores(qk, qk_scale, softcap, SOFTCAP)
             if MASKED:
-                s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
+                if HAS_MASK:
+                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk)
+                else:
+                    s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
             if HAS_PAD:
                 s = _key_padding_mask(s, PAD, offs_n, S, stride_ps)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -186,13 +221,13 @@ if triton is not None:
         return acc, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, PAD, OUT, LSE,
+    def _fwd_kernel(Q, K, V, PAD, MASK, SUMMARY, OUT, LSE,
                     stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                     stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                    stride_pb, stride_ps,
+                    stride_pb, stride_ps, stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
                     H, S, GROUP, S_BUCKET, qk_scale, softcap, window,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # last query blocks first: under a causal mask they see the most keys (shorter tail at the end)
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -207,6 +242,7 @@ if triton is not None:
         OUT += b * stride_ob + h * stride_oh
         LSE += bh.to(tl.int64) * S
         PAD += b * stride_pb
+        MASK += b * stride_mb
         m0 = m_block * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -214,17 +250,24 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        if WINDOW:
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, offs_m, lo, full_lo, S, window, stride_ks,
-                                        stride_kd, stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL,
-                                        WINDOW, SOFTCAP, HAS_PAD, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, offs_m, full_lo, full_hi, S, window, stride_ks,
-                                    stride_kd, stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL,
-                                    WINDOW, SOFTCAP, HAS_PAD, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, offs_m, full_hi, hi, S, window, stride_ks,
-                                    stride_kd, stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL,
-                                    WINDOW, SOFTCAP, HAS_PAD, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        if HAS_MASK:
+            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0 // 16, S,
+                                                   BLOCK_M, BLOCK_M // 16, BLOCK_N)
+        else:
+            lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        if WINDOW or HAS_MASK:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, full_lo, S, window,
+                                        stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
+                                        qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window,
+                                    stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
+                                    qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_hi, hi, S, window,
+                                    stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
+                                    qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         empty = l_i == 0.0  # no visible key: out 0, lse +inf
         l_safe = tl.where(empty, 1.0, l_i)
         _store_tile(OUT, acc / l_safe[:, None], offs_m, offs_d, S, stride_os, stride_od, HEAD_DIM)
@@ -249,10 +292,10 @@ if triton is not None:
         tl.store(DELTA + bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
     @triton.jit
-    def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, offs_m, start, end, S, window, stride_kn, stride_kd,
-                   stride_vn, stride_vd, stride_ps, qk_scale, softcap,
+    def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
+                   stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr):
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start, end, BLOCK_N):
@@ -262,7 +305,10 @@ if triton is not None:
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s, dt = _scores(qk, qk_scale, softcap, SOFTCAP)
             if MASKED:
-                s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
+                if HAS_MASK:
+                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk)
+                else:
+                    s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
             if HAS_PAD:
                 s = _key_padding_mask(s, PAD, offs_n, S, stride_ps)
             p = tl.exp2(s - lse2[:, None])
@@ -274,13 +320,14 @@ if triton is not None:
         return dq
 
     @triton.jit
-    def _dq_kernel(Q, K, V, PAD, DO, LSE, DELTA, DQ,
+    def _dq_kernel(Q, K, V, PAD, MASK, SUMMARY, DO, LSE, DELTA, DQ,
                    stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_db, stride_dh, stride_ds, stride_dd,
                    stride_gb, stride_gh, stride_gs, stride_gd, stride_pb, stride_ps,
+                   stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
                    H, S, GROUP, S_BUCKET, qk_scale, softcap, window, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dQ for BLOCK_M query rows of one head (strides g*: of dQ, d*: of dO)."""
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -292,6 +339,7 @@ if triton is not None:
         K += b * stride_kb + kvh * stride_kh
         V += b * stride_vb + kvh * stride_vh
         PAD += b * stride_pb
+        MASK += b * stride_mb
         m0 = m_block * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -303,25 +351,29 @@ if triton is not None:
         lse2 = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        if WINDOW:
-            dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, offs_m, lo, full_lo, S, window, stride_ks, stride_kd,
-                            stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD,
-                            True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, offs_m, full_lo, full_hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP,
-                        HAS_PAD, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, offs_m, full_hi, hi, S, window, stride_ks, stride_kd,
-                        stride_vs, stride_vd, stride_ps, qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD,
-                        True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        if HAS_MASK:
+            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0 // 16, S,
+                                                   BLOCK_M, BLOCK_M // 16, BLOCK_N)
+        else:
+            lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        if WINDOW or HAS_MASK:
+            dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, full_lo, S, window, stride_ks,
+                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                            CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window, stride_ks,
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_hi, hi, S, window, stride_ks,
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         _store_tile(DQ + b * stride_gb + h * stride_gh, dq * scale, offs_m, offs_d, S, stride_gs, stride_gd,
                     HEAD_DIM)
 
     @triton.jit
-    def _dkdv_blocks(dk, dv, k, v, real, Q, DO, LSE, DELTA, offs_n, start, end, S, window, stride_qm, stride_qd,
-                     stride_dm, stride_dd, qk_scale, softcap,
+    def _dkdv_blocks(dk, dv, k, v, real, Q, DO, LSE, DELTA, MASK, offs_n, start, end, S, window, stride_qm,
+                     stride_qd, stride_dm, stride_dd, stride_mq, stride_mk, qk_scale, softcap,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     MASKED: tl.constexpr,
+                     HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      PRECISION: tl.constexpr):
         """dK, dV of one key block over the query blocks [start, end) of one query head, in the transposed
@@ -347,6 +399,9 @@ if triton is not None:
                     ok = ok & (offs_m[None, :] >= offs_n[:, None])
                 if WINDOW:
                     ok = ok & (offs_n[:, None] > offs_m[None, :] - window)
+                if HAS_MASK:
+                    ptrs = MASK + offs_n.to(tl.int64)[:, None] * stride_mk + offs_m.to(tl.int64)[None, :] * stride_mq
+                    ok = ok & (tl.load(ptrs, mask=ok, other=0) != 0)
                 s_t = tl.where(ok, s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse2[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -358,14 +413,14 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
+    def _dkdv_kernel(Q, K, V, PAD, MASK, SUMMARY, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd, stride_db, stride_dh, stride_ds, stride_dd,
                      stride_kgb, stride_kgh, stride_kgs, stride_kgd, stride_vgb, stride_vgh, stride_vgs, stride_vgd,
-                     stride_pb, stride_ps,
+                     stride_pb, stride_ps, stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
                      HKV, S, GROUP, S_BUCKET, qk_scale, softcap, window, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                     SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dK, dV for BLOCK_N keys of one KV head, summed over the GROUP query heads that read it."""
         bh = tl.program_id(1)
@@ -381,7 +436,12 @@ if triton is not None:
                        BLOCK_D, True)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        lo, hi, full_lo, full_hi = _query_range(n0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        if HAS_MASK:  # fields 4..7 of the summary: the query tiles each key strip is seen by
+            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb + 4 * field_stride, n_strips,
+                                                   field_stride, n0 // 16, S, BLOCK_N, BLOCK_N // 16, BLOCK_M)
+        else:
+            lo, hi, full_lo, full_hi = _query_range(n0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        MASK += b * stride_mb
         real = offs_n < S  # only read with HAS_PAD
         if HAS_PAD:
             real = tl.load(PAD + b * stride_pb + offs_n * stride_ps, mask=offs_n < S, other=0) != 0
@@ -391,16 +451,19 @@ if triton is not None:
             Qh = Q + b * stride_qb + h64 * stride_qh
             DOh = DO + b * stride_db + h64 * stride_dh
             row = (b * (HKV * GROUP) + h64) * S
-            if CAUSAL:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, offs_n, lo, full_lo, S,
-                                      window, stride_qs, stride_qd, stride_ds, stride_dd, qk_scale, softcap, CAUSAL,
-                                      WINDOW, SOFTCAP, HAS_PAD, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, offs_n, full_lo, full_hi, S,
-                                  window, stride_qs, stride_qd, stride_ds, stride_dd, qk_scale, softcap, CAUSAL,
-                                  WINDOW, SOFTCAP, HAS_PAD, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, offs_n, full_hi, hi, S,
-                                  window, stride_qs, stride_qd, stride_ds, stride_dd, qk_scale, softcap, CAUSAL,
-                                  WINDOW, SOFTCAP, HAS_PAD, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+            if CAUSAL or HAS_MASK:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, lo, full_lo,
+                                      S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
+                                      qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM,
+                                      BLOCK_D, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_lo, full_hi,
+                                  S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
+                                  qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_hi, hi,
+                                  S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
+                                  qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM,
+                                  BLOCK_D, BLOCK_M, PRECISION)
         _store_tile(DK + b * stride_kgb + kvh64 * stride_kgh, dk * scale, offs_n, offs_d, S, stride_kgs, stride_kgd,
                     HEAD_DIM)
         _store_tile(DV + b * stride_vgb + kvh64 * stride_vgh, dv, offs_n, offs_d, S, stride_vgs, stride_vgd, HEAD_DIM)
@@ -413,7 +476,7 @@ if triton is not None:
     # Hopper-sized tiles (a config that does not fit shared memory is skipped by the autotuner), one list for
     # head dims up to 128 and one with narrower tiles for wider heads (fp32 accumulators of BLOCK x D per
     # program). S is symbolic in a compiled graph and varies: tune on a power-of-two bucket of it.
-    _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD"]
+    _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD", "HAS_MASK"]
     _CONFIGS = {  # (kernel, wide head): [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
         ("fwd", False): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
                          (64, 64, 4, 2), (64, 32, 4, 2)],
@@ -459,7 +522,7 @@ def _launch(name: str, grid, args, flags, device) -> None:
     launch(_KERNELS[name], _TUNED.get((name, wide)) if AUTOTUNE else None, grid, args, flags, fixed, device)
 
 
-def _check(q, k, v, scale, causal, window, softcap, key_padding):
+def _check(q, k, v, scale, causal, window, softcap, key_padding, mask=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attention: q, k, v must be [B, H, S, D]")
     B, Hq, S, D = q.shape
@@ -476,6 +539,14 @@ def _check(q, k, v, scale, causal, window, softcap, key_padding):
         raise ValueError("flash_attention: a sliding window (i - window < j <= i) is causal: pass causal=True")
     if key_padding is not None and (key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, S)):
         raise ValueError(f"flash_attention: key_padding must be a bool [B, S] = [{B}, {S}] tensor")
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 \
+                or tuple(mask.shape[2:]) != (S, S):
+            raise ValueError(f"flash_attention: mask must be a bool [B or 1, 1, S, S] = [{B}, 1, {S}, {S}] tensor "
+                             f"(True = visible), got {mask.dtype} {tuple(mask.shape)}")
+        if causal or window or key_padding is not None:
+            raise ValueError("flash_attention: a mask is the whole mask: pass causal=False, window=0 and no "
+                             "key_padding with it")
 
 
 def _empty_bshd(like: Tensor, heads: int) -> Tensor:
@@ -505,10 +576,52 @@ def _pad_args(key_padding: Optional[Tensor], fallback: Tensor):
     return pad, pad.stride(0), pad.stride(1)
 
 
-def _flags(q, causal, window, softcap, key_padding) -> dict:
+def _mask_summary(mask: Tensor) -> Tensor:
+    """int32 [8, Bm, T] (T = ceil(S / 16)) describing a bool [Bm, 1, S, S] mask in strips of 16: fields 0-3 per
+    query strip over key tiles of 16, fields 4-7 per key strip over query tiles: the first tile with a visible
+    pair, one past the last, the first tile fully visible, and the end of the run of fully visible tiles that
+    starts there. The kernels visit only tiles inside [first, end), read the mask only outside the full run
+    (where every row of their block sees every key of the block), so a causal, sliding-window or padded mask
+    costs what the kernel's own causal / window / padding bounds cost, and any other mask stays exact."""
+    Bm, _, S, _ = mask.shape
+    T = triton.cdiv(S, 16)
+    tiles = mask.new_zeros((Bm, T * 16, T * 16))
+    tiles[:, :S, :S] = mask[:, 0]
+    count = tiles.view(Bm, T, 16, T, 16).sum((2, 4), dtype=torch.int32)  # [Bm, query tile, key tile]
+    # a tile is full when every pair inside the sequence is visible (positions past its end do not count: the
+    # kernels keep the ragged last block out of the unmasked range themselves)
+    inside = (S - torch.arange(T, device=mask.device, dtype=torch.int32) * 16).clamp(max=16)
+    seen = count > 0
+    full = count == inside[:, None] * inside[None, :]
+    idx = torch.arange(T, device=mask.device, dtype=torch.int32)
+
+    def runs(seen, full):
+        first = torch.where(seen, idx, T).amin(-1)
+        end = torch.where(seen, idx + 1, 0).amax(-1)
+        full_first = torch.where(full, idx, T).amin(-1)
+        full_end = torch.where(~full & (idx >= full_first[..., None]), idx, T).amin(-1)
+        return [first, end, full_first, full_end]
+
+    fields = runs(seen, full) + runs(seen.transpose(1, 2), full.transpose(1, 2))
+    return torch.stack(fields).to(torch.int32).contiguous()
+
+
+def _mask_args(mask: Optional[Tensor], fallback: Tensor):
+    """(mask as uint8, its batch / query / key strides, summary, its batch stride, field stride, strips)."""
+    if mask is None:
+        return fallback, 0, 0, 0, fallback, 0, 0, 0
+    if mask.shape[0] > 1 and mask.stride(0) == 0:  # one mask expanded over the batch: summarise it once
+        mask = mask[:1]
+    summary = _mask_summary(mask)
+    m = mask.view(torch.uint8)
+    Bm, T = summary.shape[1], summary.shape[2]
+    return (m, m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), summary, T if Bm > 1 else 0, Bm * T, T)
+
+
+def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=window > 0,
-                SOFTCAP=softcap > 0, HAS_PAD=key_padding is not None,
+                SOFTCAP=softcap > 0, HAS_PAD=key_padding is not None, HAS_MASK=mask is not None,
                 # fp32 inputs get exact fp32 products (tl.dot on fp32 would use tf32 on the GPU)
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -529,8 +642,11 @@ def _window(window: int, s_len: int) -> int:
 # grouped heads by broadcasting (no repeated K/V)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _visible(s_len: int, causal: bool, window: int, key_padding: Optional[Tensor], device) -> Optional[Tensor]:
+def _visible(s_len: int, causal: bool, window: int, key_padding: Optional[Tensor], device,
+             dense: Optional[Tensor] = None) -> Optional[Tensor]:
     """Bool [B or 1, S, S] (query i, key j): which keys each query sees; None when all are seen."""
+    if dense is not None:
+        return dense[:, 0]
     mask = None
     if causal:
         i = torch.arange(s_len, device=device)[:, None]
@@ -545,7 +661,7 @@ def _visible(s_len: int, causal: bool, window: int, key_padding: Optional[Tensor
     return mask
 
 
-def _torch_probs(q, k, scale, causal, window, softcap, key_padding, lse=None):
+def _torch_probs(q, k, scale, causal, window, softcap, key_padding, mask=None, lse=None):
     """(P or the masked scores, the softcap's derivative, acc dtype, grouped q, grouped k): with lse,
     P = exp(s - lse); without, the masked scores s [B, Hkv, G, S, S]."""
     B, Hq, S, D = q.shape
@@ -559,24 +675,24 @@ def _torch_probs(q, k, scale, causal, window, softcap, key_padding, lse=None):
         u = s / softcap
         dt = torch.cosh(u).pow(-2)  # 1 - tanh^2 without its cancellation where tanh saturates
         s = softcap * torch.tanh(u)
-    mask = _visible(S, causal, window, key_padding, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    visible = _visible(S, causal, window, key_padding, q.device, mask)
+    if visible is not None:
+        s = s.masked_fill(~visible[:, None, None], float("-inf"))
     if lse is not None:
         s = torch.exp(s - lse.unflatten(1, (hkv, Hq // hkv))[..., None].to(acc))
     return s, dt, acc, qg, kg
 
 
-def _torch_forward(q, k, v, scale, causal, window, softcap, key_padding):
-    s, _, acc, _, _ = _torch_probs(q, k, scale, causal, window, softcap, key_padding)
+def _torch_forward(q, k, v, scale, causal, window, softcap, key_padding, mask):
+    s, _, acc, _, _ = _torch_probs(q, k, scale, causal, window, softcap, key_padding, mask)
     lse = torch.logsumexp(s, -1)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # no visible key: P = exp(s - inf) = 0
     out = torch.exp(s - lse[..., None]) @ v.unsqueeze(2).to(acc)
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def _torch_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, key_padding):
-    p, dt, acc, qg, kg = _torch_probs(q, k, scale, causal, window, softcap, key_padding, lse)
+def _torch_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, key_padding, mask):
+    p, dt, acc, qg, kg = _torch_probs(q, k, scale, causal, window, softcap, key_padding, mask, lse)
     hkv = k.shape[1]
     dog = dout.unflatten(1, (hkv, -1)).to(acc)
     og = out.unflatten(1, (hkv, -1)).to(acc)
@@ -597,36 +713,38 @@ def _torch_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, key
 @torch.library.custom_op("fxopt::flash_attention", mutates_args=())
 @with_fallback
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: int, softcap: float,
-                    key_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    key_padding: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs)); lse is returned
     only to be saved for backward (+inf for a row that sees no key)."""
-    _check(q, k, v, scale, causal, window, softcap, key_padding)
+    _check(q, k, v, scale, causal, window, softcap, key_padding, mask)
     B, Hq, S, D = q.shape
     window = _window(window, S)
     out = _empty_bshd(q, Hq)
     lse = _new_output((B, Hq, S), _lse_dtype(q), q.device)
     if not _use_triton(q, k, v):
-        o, lse_t = _torch_forward(q, k, v, scale, causal, window, softcap, key_padding)
+        o, lse_t = _torch_forward(q, k, v, scale, causal, window, softcap, key_padding, mask)
         out.copy_(o)
         lse.copy_(lse_t)
         return out, lse
     if B * Hq * S * D == 0:
         return out, lse
     pad, spb, sps = _pad_args(key_padding, lse)
+    m, *mask_strides = _mask_args(mask, lse)
+    summary = mask_strides.pop(3)
     qk_scale, sc = _score_scales(scale, softcap)
-    args = (q, k, v, pad, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, sps,
-            Hq, S, Hq // k.shape[1], min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window))
+    args = (q, k, v, pad, m, summary, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, sps,
+            *mask_strides, Hq, S, Hq // k.shape[1], min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window))
 
     def grid(meta):
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
 
-    _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding), q.device)
+    _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding, mask), q.device)
     return out, lse
 
 
 @flash_attention.register_fake
-def _(q, k, v, scale, causal, window, softcap, key_padding=None):
-    _check(q, k, v, scale, causal, window, softcap, key_padding)
+def _(q, k, v, scale, causal, window, softcap, key_padding=None, mask=None):
+    _check(q, k, v, scale, causal, window, softcap, key_padding, mask)
     B, Hq, S, D = q.shape
     return _fake_bshd(q, Hq), q.new_empty((B, Hq, S), dtype=_lse_dtype(q))
 
@@ -635,7 +753,8 @@ def _(q, k, v, scale, causal, window, softcap, key_padding=None):
 @with_fallback
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float, causal: bool, window: int, softcap: float,
-                             key_padding: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                             key_padding: Optional[Tensor] = None,
+                             mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the forward's out and lse; dk and dv summed over each kv head's query heads."""
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
@@ -643,12 +762,13 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     dq, dk, dv = _empty_bshd(q, Hq), _empty_bshd(k, hkv), _empty_bshd(v, hkv)
     if not _use_triton(q, k, v):
         for buf, val in zip((dq, dk, dv),
-                            _torch_backward(grad_out, q, k, v, out, lse, scale, causal, window, softcap, key_padding)):
+                            _torch_backward(grad_out, q, k, v, out, lse, scale, causal, window, softcap,
+                                            key_padding, mask)):
             buf.copy_(val)
         return dq, dk, dv
     if B * Hq * S * D == 0:
         return dq, dk, dv
-    flags = _flags(q, causal, window, softcap, key_padding)
+    flags = _flags(q, causal, window, softcap, key_padding, mask)
     delta = _new_output((B, Hq, S), torch.float32, q.device)
     # a [rows, BLOCK_D] tile of O and of dO in registers: fewer rows for wide heads
     block = 16 if _INTERPRETED else max(16, min(64, 8192 // flags["BLOCK_D"]))
@@ -657,6 +777,8 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
             out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out), HEAD_DIM=D,
             BLOCK_D=flags["BLOCK_D"], BLOCK_M=block)
     pad, spb, sps = _pad_args(key_padding, lse)
+    m, *mask_strides = _mask_args(mask, lse)
+    summary = mask_strides.pop(3)
     qk_scale, sc = _score_scales(scale, softcap)
     common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window), float(scale))
 
@@ -666,42 +788,43 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     def k_grid(meta):
         return (_num_blocks(S, meta["BLOCK_N"]), B * hkv)
 
-    _launch("dq", q_grid, (q, k, v, pad, grad_out, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
-                           *_strides(grad_out), *_strides(dq), spb, sps, Hq, S, *common), flags, q.device)
-    _launch("dkdv", k_grid, (q, k, v, pad, grad_out, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                             *_strides(grad_out), *_strides(dk), *_strides(dv), spb, sps, hkv, S, *common),
+    _launch("dq", q_grid, (q, k, v, pad, m, summary, grad_out, lse, delta, dq, *_strides(q), *_strides(k),
+                           *_strides(v), *_strides(grad_out), *_strides(dq), spb, sps, *mask_strides, Hq, S, *common),
             flags, q.device)
+    _launch("dkdv", k_grid, (q, k, v, pad, m, summary, grad_out, lse, delta, dk, dv, *_strides(q), *_strides(k),
+                             *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), spb, sps, *mask_strides,
+                             hkv, S, *common), flags, q.device)
     return dq, dk, dv
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale, causal, window, softcap, key_padding=None):
+def _(grad_out, q, k, v, out, lse, scale, causal, window, softcap, key_padding=None, mask=None):
     return _fake_bshd(q, q.shape[1]), _fake_bshd(k, k.shape[1]), _fake_bshd(v, v.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, window, softcap, key_padding = inputs
+    q, k, v, scale, causal, window, softcap, key_padding, mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding, mask)
     ctx.args = (scale, causal, window, softcap)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding = ctx.saved_tensors
-    need = ctx.needs_input_grad  # (q, k, v, scale, causal, window, softcap, key_padding)
+    q, k, v, out, lse, key_padding, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad  # (q, k, v, scale, causal, window, softcap, key_padding, mask)
     if not any(need[:3]):
-        return (None,) * 8
+        return (None,) * 9
     if grad_out is None:  # out unused downstream
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding)
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None) + (None,) * 5
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding, mask)
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None) + (None,) * 6
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference(q, k, v, scale, causal=False, window=0, softcap=0.0, key_padding=None) -> Tensor:
+def reference(q, k, v, scale, causal=False, window=0, softcap=0.0, key_padding=None, mask=None) -> Tensor:
     """The op's math in plain PyTorch (differentiable): repeated K/V heads, an explicit [S, S] mask, softmax in
     promote(dtype, fp32); rows that see no key give 0 (and zero gradients)."""
     g = q.shape[1] // k.shape[1]
@@ -711,7 +834,7 @@ def reference(q, k, v, scale, causal=False, window=0, softcap=0.0, key_padding=N
     s = (q.to(acc) @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    mask = _visible(q.shape[2], causal, window, key_padding, q.device)
+    mask = _visible(q.shape[2], causal, window, key_padding, q.device, mask)
     if mask is None:
         return (torch.softmax(s, -1) @ v).to(q.dtype)
     mask = mask[:, None]
@@ -723,8 +846,9 @@ def reference(q, k, v, scale, causal=False, window=0, softcap=0.0, key_padding=N
     return (p @ v).to(q.dtype)
 
 
-def flash_attention_fn(q, k, v, scale=None, causal=False, window=0, softcap=0.0, key_padding=None) -> Tensor:
+def flash_attention_fn(q, k, v, scale=None, causal=False, window=0, softcap=0.0, key_padding=None,
+                       mask=None) -> Tensor:
     """Call the op: returns out [B, Hq, S, D]. scale defaults to D ** -0.5."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.ops.fxopt.flash_attention(q, k, v, float(scale), bool(causal), int(window), float(softcap),
-                                           key_padding)[0]
+                                           key_padding, mask)[0]

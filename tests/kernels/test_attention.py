@@ -81,7 +81,7 @@ def make_qkv(B, hq, hkv, S, D, dtype, layout, g, device):
     return [t.detach().requires_grad_() for t in (q, k, v)]  # detach keeps the strides
 
 
-def grad_scales(q, k, v, do, scale, causal, window, softcap, key_padding):
+def grad_scales(q, k, v, do, scale, causal, window, softcap, key_padding, mask=None):
     """The size of the terms that dq and dk sum (float64): dS = P * (dP - delta) cancels to ~0 when a row sees
     one key (P = 1, dP = delta = dO . v; window 1, S = 1) or when P is nearly one-hot, and then dq, dk are known
     to any fp32 implementation only relative to |P| (|dO| |V|^T + |dO| |O|) (dP and delta are sums of those
@@ -91,27 +91,64 @@ def grad_scales(q, k, v, do, scale, causal, window, softcap, key_padding):
     K, V = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = q @ K.transpose(-1, -2) * scale
     deriv = 1 - torch.tanh(s / softcap) ** 2 if softcap else torch.ones_like(s)
-    out = reference(q, k, v, scale, causal, window, softcap, key_padding)
+    out = reference(q, k, v, scale, causal, window, softcap, key_padding, mask)
     # P from the reference itself: out = P V for V = identity
     S = q.shape[2]
     eye = torch.eye(S, dtype=q.dtype, device=q.device).expand(q.shape[0], k.shape[1], S, S)
-    P = reference(q, k, eye, scale, causal, window, softcap, key_padding)
+    P = reference(q, k, eye, scale, causal, window, softcap, key_padding, mask)
     term = P * (do.abs() @ V.abs().transpose(-1, -2) + (do.abs() * out.abs()).sum(-1, keepdim=True)) * deriv
     dq = scale * term @ K.abs()
     dk = (scale * term.transpose(-1, -2) @ q.abs()).unflatten(1, (k.shape[1], g)).sum(2)
     return dq.norm().item(), dk.norm().item()
 
 
+def make_mask(kind, B, S, g):
+    """A dense bool mask [B or 1, 1, S, S] (True = visible) of a kind, or None."""
+    if kind is None:
+        return None
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    causal = (j <= i)[None, None]
+    if kind == "causal":
+        return causal.expand(B, 1, S, S)  # HF's form: one mask expanded over the batch (stride 0)
+    if kind == "causal_left_pad":  # HF's causal mask and an attention_mask with left padding
+        return causal & make_padding("left", B, S, g)[:, None, None, :]
+    if kind == "window":
+        w = int(torch.randint(1, S + 1, (1,), generator=g))
+        return (causal & (j > i - w)).expand(B, 1, S, S)
+    if kind == "bidirectional_window":
+        w = int(torch.randint(0, S, (1,), generator=g))
+        return ((j - i).abs() <= w)[None, None].expand(B, 1, S, S)
+    if kind == "packed":  # causal within each packed sequence (position_ids restarting)
+        doc = torch.cumsum(torch.rand(B, S, generator=g) < 0.15, 1)
+        return causal & (doc[:, :, None] == doc[:, None, :])[:, None]
+    if kind == "transposed":  # a non-contiguous mask: a [B, 1, S(keys), S(queries)] buffer transposed
+        buf = torch.rand(B, 1, S, S, generator=g) < 0.5
+        return buf.transpose(2, 3)
+    if kind == "empty_row":  # batch entry 0 sees nothing; entry 1 random
+        m = (torch.rand(B, 1, S, S, generator=g) < 0.6)
+        m[0] = False
+        return m
+    if kind == "full":
+        return torch.ones(1, 1, S, S, dtype=torch.bool)
+    return torch.rand(B, 1, S, S, generator=g) < 0.6  # "random"
+
+
+MASKS = ["causal", "causal_left_pad", "window", "bidirectional_window", "packed", "transposed", "empty_row", "full",
+         "random"]
+
+
 def run_case(B, hq, hkv, S, D, dtype, causal=False, window=0, softcap=0.0, padding=None, layout="contiguous",
-             seed=0, device=DEVICE, scale=None, tol=None):
+             seed=0, device=DEVICE, scale=None, tol=None, mask=None):
     g = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, hq, hkv, S, D, dtype, layout, g, device)
     pad = make_padding(padding, B, S, g)
     pad = None if pad is None else pad.to(device)
+    mask = make_mask(mask, B, S, g)
+    mask = None if mask is None else mask.to(device)
     scale = D ** -0.5 if scale is None else scale
-    out = flash_attention_fn(q, k, v, scale, causal, window, softcap, pad)
+    out = flash_attention_fn(q, k, v, scale, causal, window, softcap, pad, mask)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference(q64, k64, v64, scale, causal, window, softcap, pad)
+    ref = reference(q64, k64, v64, scale, causal, window, softcap, pad, mask)
     tol = tol or TOL[dtype]
     assert out.dtype == dtype and out.shape == q.shape
     assert rel(out, ref) < tol, "output"
@@ -120,7 +157,7 @@ def run_case(B, hq, hkv, S, D, dtype, causal=False, window=0, softcap=0.0, paddi
     got = torch.autograd.grad(out, [q, k, v], do)
     want = torch.autograd.grad(ref, [q64, k64, v64], do.double())
     with torch.no_grad():
-        floors = grad_scales(q64, k64, v64, do.double(), scale, causal, window, softcap, pad)
+        floors = grad_scales(q64, k64, v64, do.double(), scale, causal, window, softcap, pad, mask)
     for name, a, b, t, floor in zip("qkv", got, want, (q, k, v), (*floors, 0.0)):
         assert a.dtype == t.dtype and a.shape == t.shape, f"gradient of {name}"
         assert rel(a, b, 0.1 * floor) < tol, f"gradient of {name}"
@@ -144,6 +181,75 @@ def test_op_matches_reference(B, heads, S, D, dtype, causal, window, softcap, pa
             mp.setattr(ak, "INTERPRETER_TILES", TILES[tiles])
         run_case(B, hq, hkv, S, D, dtype, causal, window, softcap, padding, layout, seed,
                  scale=1.0 if unit_scale else None)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       S=st.one_of(st.sampled_from([1, 16, 17, 33]), st.integers(1, 50)), D=st.sampled_from([16, 24, 64]),
+       dtype=st.sampled_from(DTYPES), mask=st.sampled_from(MASKS), softcap=st.sampled_from([0.0, 0.0, 1.5]),
+       layout=st.sampled_from(["contiguous", "bshd", "fused"]), tiles=st.sampled_from(list(TILES)),
+       seed=st.integers(0, 2**16))
+def test_dense_mask_matches_reference(B, heads, S, D, dtype, mask, softcap, layout, tiles, seed):
+    """A dense bool mask (what HF passes SDPA) of every kind, on sequences of several tiles: the kernels visit
+    the tiles the mask summary names, read the mask outside the fully visible run, and must equal the
+    reference with the same mask."""
+    hq, hkv = heads
+    with pytest.MonkeyPatch.context() as mp:
+        if TILES[tiles] is not None:
+            mp.setattr(ak, "INTERPRETER_TILES", TILES[tiles])
+        run_case(B, hq, hkv, S, D, dtype, softcap=softcap, layout=layout, seed=seed, mask=mask)
+
+
+@pytest.mark.parametrize("tiles", list(TILES))
+@pytest.mark.parametrize("mask", MASKS)
+def test_dense_mask_kinds(tiles, mask, monkeypatch):
+    """Each mask kind at a length of several tiles of 16 plus a ragged end."""
+    if TILES[tiles] is not None:
+        monkeypatch.setattr(ak, "INTERPRETER_TILES", TILES[tiles])
+    run_case(2, 2, 1, 70, 16, torch.float32, seed=len(mask), mask=mask)
+
+
+def test_dense_causal_mask_equals_causal_flag():
+    """The dense causal mask HF builds gives the causal kernel's result (same tiles visited, same sums)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(2, 4, 2, 50, 16, torch.float32, "bshd", g, DEVICE)
+    mask = make_mask("causal", 2, 50, g).to(DEVICE)
+    a = flash_attention_fn(q, k, v, causal=True)
+    b = flash_attention_fn(q, k, v, mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_mask_summary():
+    """The summary of a causal mask over 40 positions (3 strips of 16, the last ragged: positions past the end
+    do not count against a full tile): strip i sees key tiles 0..i, the tiles before i fully; key strip j is
+    seen by query tiles j.., fully by j+1..; a padded key is seen by nobody."""
+    S = 40
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    summary = ak._mask_summary((j <= i)[None, None])
+    first, end, full_first, full_end = summary[:4, 0]
+    assert first.tolist() == [0, 0, 0] and end.tolist() == [1, 2, 3]
+    assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 2]
+    first, end, full_first, full_end = summary[4:, 0]
+    assert first.tolist() == [0, 1, 2] and end.tolist() == [3, 3, 3]
+    assert full_first.tolist() == [1, 2, 3] and full_end.tolist() == [3, 3, 3]
+    mask = (j <= i)[None, None] & (j != 20)  # key 20 padded: its tile is no longer full for anyone
+    first, end, full_first, full_end = ak._mask_summary(mask)[:4, 0]
+    assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 1]
+
+
+def test_wrong_mask_summary_is_caught(monkeypatch):
+    """The mask tests can fail: a summary that calls every tile fully visible (the mask never read) is caught."""
+    real = ak._mask_summary
+
+    def all_full(mask):
+        summary = real(mask).clone()
+        T = summary.shape[-1]
+        summary[[0, 4]], summary[[1, 5]], summary[[2, 6]], summary[[3, 7]] = 0, T, 0, T
+        return summary
+
+    monkeypatch.setattr(ak, "_mask_summary", all_full)
+    with pytest.raises(AssertionError, match="output"):
+        run_case(2, 2, 1, 70, 16, torch.float32, mask="packed")
 
 
 @pytest.mark.parametrize("tiles", list(TILES))
@@ -258,8 +364,8 @@ def test_wrong_backward_is_caught(monkeypatch):
     """The gradient comparison can fail: a backward that forgets the softcap's derivative is caught."""
     real = ak.flash_attention_backward
     monkeypatch.setattr(ak, "flash_attention_backward",
-                        lambda do, q, k, v, o, lse, scale, causal, window, softcap, pad:
-                        real(do, q, k, v, o, lse, scale, causal, window, 0.0, pad))
+                        lambda do, q, k, v, o, lse, scale, causal, window, softcap, pad, mask:
+                        real(do, q, k, v, o, lse, scale, causal, window, 0.0, pad, mask))
     with pytest.raises(AssertionError, match="gradient"):
         run_case(1, 2, 1, 20, 16, torch.float32, True, softcap=1.5)
 
@@ -274,6 +380,10 @@ def test_bad_arguments():
         flash_attention_fn(q, k, k, key_padding=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="dtype"):
         flash_attention_fn(q, k.half(), k)
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        flash_attention_fn(q, k, k, mask=torch.ones(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="mask is the whole mask"):
+        flash_attention_fn(q, k, k, causal=True, mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, Hq, S, D\]"):
         flash_attention_fn(q, torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16))
 
@@ -327,6 +437,9 @@ def test_opcheck():
     do = torch.randn(2, 4, 6, 16, generator=g).to(DEVICE)
     torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, True, 2, 3.0, pad))
+    mask = make_mask("packed", 2, 6, g).to(DEVICE)
+    torch.library.opcheck(torch.ops.fxopt.flash_attention.default,
+                          (q, k, v, 0.5, False, 0, 0.0, None, mask))
 
 
 def test_fake_shapes_and_strides():
@@ -365,6 +478,24 @@ def test_bf16_gpu_autotuned(D, autotuned):
     run_case(2, 32, 8, 1000, D, torch.bfloat16, causal=True, layout="bshd", device="cuda")
     run_case(1, 8, 8, 777, D, torch.bfloat16, causal=True, window=128, softcap=30.0, padding="right",
              layout="fused", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", MASKS)
+def test_dense_mask_gpu_autotuned(mask, autotuned):
+    """Dense masks with the autotuned (large) tiles: BLOCK_M up to 128 reads 8 strips of the summary."""
+    run_case(2, 8, 2, 1000, 64, torch.bfloat16, layout="bshd", device="cuda", mask=mask)
+    run_case(1, 4, 4, 333, 128, torch.float16, layout="fused", device="cuda", mask=mask, seed=1)
+
+
+@pytest.mark.gpu
+def test_dense_causal_mask_equals_causal_flag_gpu(autotuned):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(2, 32, 8, 2048, 64, torch.bfloat16, "bshd", g, "cuda")
+    mask = make_mask("causal", 2, 2048, g).to("cuda")
+    a = flash_attention_fn(q, k, v, causal=True)
+    b = flash_attention_fn(q, k, v, mask=mask)
+    assert rel(a, b) < 1e-6  # the same tiles summed; tuning may pick another block size for each
 
 
 @pytest.mark.gpu

@@ -1,0 +1,180 @@
+"""SDPA -> fxopt::flash_attention (FlashAttention-2-style Triton kernels, GQA without repeated K/V).
+
+Pattern (HF's sdpa attention as Dynamo captures it inside a decoder block):
+    k = repeat_kv(k_states)   optional: k_states[:, :, None].expand(B, Hkv, n_rep, S, D).reshape(B, Hq, S, D),
+    v = repeat_kv(v_states)   looked through so that the kernel reads each KV head once (same for v)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.0, scale=s, is_causal=c[, enable_gqa])
+Rewrite: out = fxopt::flash_attention(q, k_states, v_states, s, c, 0, 0.0, None, m)[0].
+
+The mask. HF builds the causal (sliding-window, padding, packed-sequence) mask once in the outer model and
+hands it to every block as a bool [B or 1, 1, S, S] tensor (True = attend). A pass cannot prove from the
+block's graph which mask that is, and does not need to: the op takes the mask itself, summarises it in
+tiles of 16 (which tiles any query sees, which it sees fully) and visits only the visible tiles, reading the
+mask only where a tile is partly visible. A causal mask costs what the kernel's own causal bounds cost, and
+every other mask stays exact. `is_causal=True` without a mask becomes the kernel's causal flag.
+
+Not matched (reported): attention dropout, float (additive) masks (values not known to be 0 / -inf: an ALiBi
+bias would be silently dropped), masks that differ per head, query and key lengths that are not known equal
+(decoding with a KV cache), head dims above 256, float64 (PyTorch's math is as good) and dtypes that differ.
+Rows that see no key at all (a fully padded query) give 0, as PyTorch's SDPA does since 2.5.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxopt.kernels import attention as _kernel
+from fxopt.passes.graph_utils import Reject, is_call, is_method, module_path, static_int, value
+from fxopt.report import MatchRecord
+
+NAME = "attention"
+DESCRIPTION = "scaled_dot_product_attention (+ repeat_kv, any bool mask) -> fxopt::flash_attention"
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+                torch.ops.aten.scaled_dot_product_attention.default)
+SDPA_ARGS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _sdpa_args(node) -> dict:
+    args = dict(zip(SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return {name: args.get(name, default) for name, default in
+            zip(SDPA_ARGS, (None, None, None, None, 0.0, False, None, False))}
+
+
+def _unrepeated(node):
+    """(kv_states, n_rep) when node is HF's repeat_kv of kv_states (the expanded view reshaped to Hkv * n_rep
+    heads) and nothing else reads the intermediate views; else (node, 1)."""
+    if not (is_method(node, "reshape") or is_method(node, "view")):
+        return node, 1
+    expand = node.args[0]
+    if not is_method(expand, "expand") or len(expand.users) != 1:
+        return node, 1
+    index = expand.args[0]
+    if not is_call(index, (operator.getitem,)) or len(index.users) != 1:
+        return node, 1
+    src, idx = index.args
+    full = slice(None, None, None)
+    if not isinstance(idx, tuple) or len(idx) != 5 or idx[2] is not None or any(i != full for i in idx[:2] + idx[3:]):
+        return node, 1
+    vs, ve, vo = value(src), value(expand), value(node)
+    if vs is None or ve is None or vo is None or vs.dim() != 4 or ve.dim() != 5 or vo.dim() != 4:
+        return node, 1
+    n_rep = static_int(ve.shape[2])
+    same = all(statically_known_true(a == b) for a, b in zip(
+        (ve.shape[0], ve.shape[1], ve.shape[3], ve.shape[4], vo.shape[1]),
+        (vs.shape[0], vs.shape[1], vs.shape[2], vs.shape[3], vs.shape[1] * ve.shape[2])))
+    if n_rep is None or not same:
+        return node, 1
+    return src, n_rep
+
+
+def _match(node, ctx) -> dict:
+    a = _sdpa_args(node)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    vq, vk, vv = value(q), value(k), value(v)
+    if vq is None or vk is None or vv is None:
+        raise Reject("no example values on the graph")
+    if not isinstance(a["dropout_p"], (int, float)) or a["dropout_p"] != 0.0:
+        raise Reject(f"attention dropout (dropout_p={a['dropout_p']}): not supported")
+    if not isinstance(a["is_causal"], bool) or not isinstance(a["enable_gqa"], bool):
+        raise Reject("is_causal / enable_gqa are not constants")
+    if a["scale"] is not None and not isinstance(a["scale"], (int, float)):
+        raise Reject("the scale is not a constant")
+    if vq.dim() != 4 or vk.dim() != 4 or vv.dim() != 4:
+        raise Reject("q, k, v are not [B, H, S, D]")
+    if vq.dtype not in DTYPES or not (vq.dtype == vk.dtype == vv.dtype):
+        raise Reject(f"dtypes {vq.dtype}/{vk.dtype}/{vv.dtype}: the kernels take one of fp16, bf16, fp32")
+    D = static_int(vq.shape[3])
+    if D is None or D > _kernel.MAX_HEAD_DIM or static_int(vk.shape[3]) != D or static_int(vv.shape[3]) != D:
+        raise Reject(f"head dim {vq.shape[3]} (k {vk.shape[3]}, v {vv.shape[3]}): equal, static and <= "
+                     f"{_kernel.MAX_HEAD_DIM} required")
+    if not statically_known_true(vq.shape[2] == vk.shape[2]) or vk.shape != vv.shape:
+        raise Reject("query and key lengths not known equal (a KV cache): not supported")
+    if not statically_known_true(vq.shape[0] == vk.shape[0]):
+        raise Reject("q and k batch sizes differ")
+    k_states, n_rep = _unrepeated(k)
+    v_states, v_rep = _unrepeated(v)
+    if n_rep != v_rep:
+        k_states, v_states, n_rep = k, v, 1
+    hq, hkv = static_int(vq.shape[1]), static_int(value(k_states).shape[1])
+    if hq is None or hkv is None or hq % hkv != 0:
+        raise Reject(f"{vq.shape[1]} query heads and {value(k_states).shape[1]} kv heads")
+    if n_rep == 1 and hkv != hq and not a["enable_gqa"]:
+        raise Reject("kv heads differ from query heads without enable_gqa")
+    if mask is not None:
+        vm = value(mask)
+        if vm is None:
+            raise Reject("the mask is not a tensor")
+        if vm.dtype != torch.bool:
+            raise Reject(f"{vm.dtype} (additive) mask: its values are not known to be 0 / -inf (a bias would be "
+                         "dropped); only bool masks are matched")
+        if vm.dim() != 4 or static_int(vm.shape[1]) != 1:
+            raise Reject(f"mask of shape {tuple(vm.shape)}: [B or 1, 1, S, S] required (one mask for all heads)")
+        if not (statically_known_true(vm.shape[2] == vq.shape[2]) and statically_known_true(vm.shape[3] == vq.shape[2])):
+            raise Reject(f"mask of shape {tuple(vm.shape)} is not [.., S, S] for S = {vq.shape[2]}")
+        if not (static_int(vm.shape[0]) == 1 or statically_known_true(vm.shape[0] == vq.shape[0])):
+            raise Reject(f"mask batch {vm.shape[0]} is neither 1 nor the batch size")
+        if a["is_causal"]:
+            raise Reject("a mask and is_causal together")
+    scale = float(a["scale"]) if a["scale"] is not None else D ** -0.5
+    kind = "causal" if a["is_causal"] else ("bool mask" if mask is not None else "no mask")
+    repeats = [n for n in (k, v) if n_rep > 1]
+    return dict(node=node, q=q, k=k_states, v=v_states, repeats=repeats, scale=scale, causal=a["is_causal"], mask=mask,
+                detail=f"fxopt::flash_attention, {kind}, {hq}/{hkv} heads, head dim {D}"
+                       + (", repeat_kv looked through" if n_rep > 1 else ""))
+
+
+def _where(node, ctx) -> str:
+    """The attention module's path for the report: the parent of the nearest weight matrix upstream of q (its
+    q projection), else the graph's module stack."""
+    seen, todo = set(), [_sdpa_args(node)["query"]]
+    while todo and len(seen) < 64:
+        n = todo.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        v = value(n)
+        name = ctx.locate(n, "") if n.op == "placeholder" and v is not None and v.dim() == 2 else ""
+        if name:
+            return name.split(".lora_")[0].rsplit(".", 1)[0]
+        todo.extend(n.all_input_nodes)
+    return module_path(node, ctx.prefix)
+
+
+def _rewrite(gm, m):
+    g = gm.graph
+    node = m["node"]
+    with g.inserting_before(node):
+        op = g.call_function(torch.ops.fxopt.flash_attention.default,
+                             (m["q"], m["k"], m["v"], m["scale"], m["causal"], 0, 0.0, None, m["mask"]))
+        out = g.call_function(operator.getitem, (op, 0))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    for r in m["repeats"]:  # repeat_kv's reshape <- expand <- indexing, now read by nothing
+        chain = [r, r.args[0], r.args[0].args[0]]
+        for n in chain:
+            if n.users:
+                break
+            g.erase_node(n)
+
+
+def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
+    records = []
+    for node in [n for n in gm.graph.nodes if is_call(n, SDPA_TARGETS)]:
+        where = _where(node, ctx)
+        try:
+            m = _match(node, ctx)
+        except Reject as e:
+            records.append(MatchRecord(NAME, where, "rejected", str(e), ctx.graph_name))
+            continue
+        _rewrite(gm, m)
+        records.append(MatchRecord(NAME, where, "matched", m["detail"], ctx.graph_name))
+    if any(r.status == "matched" for r in records):
+        gm.graph.lint()
+        gm.recompile()
+    return records

@@ -1,0 +1,207 @@
+"""The attention pass on tiny real HF models (sdpa attention): every SDPA call matched (repeat_kv looked
+through, HF's bool mask taken as it is), loss and gradients equal the unoptimized model's with causal,
+padded, sliding-window and packed masks; near-misses (dropout, additive masks, per-head masks, a KV cache,
+eager attention) left to PyTorch and reported."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config
+
+import fxopt
+from fxopt.passes import pass_names
+from tests.models import (
+    COMMON, TARGETS, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err,
+    tiny_lora_model, twin)
+
+torch._dynamo.config.cache_size_limit = 64
+LAYERS = COMMON["num_hidden_layers"]
+OTHERS = [p for p in pass_names() if p != "attention"]  # the other passes' interpreted kernels are slow here
+EXTRA = {  # families beyond tests/models.py: Gemma 3 (sliding-window layers, q/k norms), Phi-3 (fused qkv)
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8),
+    "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
+    "mistral_window": lambda: MistralConfig(**COMMON, sliding_window=8),
+}
+
+
+def model_of(family, dtype=torch.float32, attn="sdpa", **cfg):
+    if family not in EXTRA:
+        return tiny_lora_model(family, dtype=dtype, attn=attn)
+    torch.manual_seed(0)
+    config = EXTRA[family]()
+    for k, v in cfg.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else TARGETS
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def padded_batch(seq=40, left=True):
+    b = batch(seq=seq)
+    mask = torch.ones_like(b["input_ids"])
+    if left:
+        mask[0, :7] = 0
+    else:
+        mask[1, -9:] = 0
+    b["attention_mask"] = mask
+    b["labels"] = b["labels"].masked_fill(mask == 0, -100)
+    return b
+
+
+def compare(model, b, **opts):
+    ref = twin(model)
+    fxopt.optimize(model, **{"inner_backend": "aot_eager", "disable": OTHERS, **opts})
+    assert_same_training(model, ref, b)
+    return fxopt.report(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen2", "gemma3", "phi3", "mistral_window"])
+def test_every_attention_matched_and_equal(family):
+    """Whole-model graph: one match per layer; left padding (rows that see no key: their loss is ignored)."""
+    report = compare(model_of(family), padded_batch(), regional=False)
+    matched = report.matched("attention")
+    assert len(matched) == LAYERS and not report.rejected("attention"), report.records
+    assert all("bool mask" in r.reason for r in matched)
+    if family != "phi3":  # Phi-3's repeat_kv is the same code; its 4/2 heads are looked through as well
+        assert all("repeat_kv looked through" in r.reason for r in matched)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window"])
+def test_regional_with_right_padding(family):
+    """The default (one compiled block reused by every layer): matched once for the shared block graph."""
+    report = compare(model_of(family), padded_batch(left=False))
+    matched = report.matched("attention")
+    assert matched and all(".*." in r.location for r in matched) and not report.rejected("attention")
+
+
+def test_packed_sequences_and_new_lengths():
+    """Packed sequences (position_ids restarting per sequence: HF masks them apart) and lengths that change
+    (the mask is a runtime input: no pass guard on its values, no recompile after the first dynamic one)."""
+    model = model_of("llama")
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager", disable=OTHERS)
+    b = batch(seq=37)
+    b["position_ids"] = torch.cat([torch.arange(20), torch.arange(17)]).expand(2, -1)
+    ref.config.use_cache = False  # optimize sets it on the optimized model; HF then masks packed rows apart
+    assert_same_training(model, ref, b)
+    assert_no_recompile(model)
+    assert fxopt.report(model).matched("attention")
+
+
+def test_bf16_no_less_accurate():
+    model = model_of("qwen3", dtype=torch.bfloat16)
+    eager, ref32 = twin(model), twin(model).float()
+    fxopt.optimize(model, inner_backend="aot_eager", disable=OTHERS)
+    assert_no_less_accurate(model, eager, ref32, padded_batch())
+    assert fxopt.report(model).matched("attention")
+
+
+def test_inductor_all_passes():
+    """Every pass on, Inductor: the attention op beside the fused LoRA linears, norms and loss."""
+    model = model_of("llama")
+    ref = twin(model)
+    fxopt.optimize(model)
+    assert_same_training(model, ref, padded_batch())
+    report = fxopt.report(model)
+    assert report.matched("attention") and report.matched("lora")
+
+
+def test_eager_attention_is_left_alone():
+    """attn_implementation="eager" (matmul, add mask, softmax, matmul) has no SDPA node: nothing matched,
+    nothing broken."""
+    report = compare(model_of("llama", attn="eager"), padded_batch())
+    assert not report.matched("attention")
+
+
+def test_disable():
+    report = compare(model_of("llama"), padded_batch(), disable=pass_names())
+    assert not report.matched("attention") and not report.rejected("attention")
+
+
+def test_generate_with_kv_cache():
+    """generate() with a KV cache gives the unoptimized model's tokens (a query of length 1 against cached
+    keys is not matched: see the "decode" near-miss below)."""
+    model = model_of("llama").eval()
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager", disable=OTHERS)
+    ids = batch(seq=8)["input_ids"]
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
+        want = ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert torch.equal(got, want)
+
+
+class Attn(nn.Module):
+    """SDPA calls that must match, and near-misses that must not."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, k, v, mask):
+        kw = dict(attn_mask=mask) if mask is not None else {}
+        if self.variant == "dropout":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, **kw)
+        if self.variant == "gqa":
+            return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True, scale=0.3, **kw)
+        if self.variant == "decode":  # one new query against the cached keys
+            return F.scaled_dot_product_attention(q[:, :, -1:], k, v)
+        if self.variant == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+S = 21
+CAUSAL = torch.ones(S, S, dtype=torch.bool).tril()
+NEAR = {  # variant, mask: (matched, reason of the rejection)
+    ("plain", "bool"): (1, None),
+    ("plain", "none"): (1, None),
+    ("gqa", "bool"): (1, None),
+    ("causal", "none"): (1, None),
+    ("dropout", "none"): (0, "dropout"),
+    ("decode", "none"): (0, "lengths not known equal"),
+    ("plain", "additive"): (0, "additive"),
+    ("plain", "per_head"): (0, "one mask for all heads"),
+    ("plain", "2d"): (0, "[B or 1, 1, S, S]"),
+}
+
+
+def _mask(kind, B=2, H=4):
+    if kind == "bool":
+        return CAUSAL[None, None].expand(B, 1, S, S) & (torch.rand(B, 1, 1, S) < 0.8)
+    if kind == "additive":  # an ALiBi-like bias: dropping it would be wrong
+        return -0.1 * (torch.arange(S)[:, None] - torch.arange(S)[None, :]).abs().float()[None, None]
+    if kind == "per_head":
+        return torch.rand(B, H, S, S) < 0.7
+    if kind == "2d":
+        return CAUSAL
+    return None
+
+
+@pytest.mark.parametrize("variant,mask", sorted(NEAR))
+def test_match_or_leave_alone(variant, mask):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, S, 16, requires_grad=True) for _ in range(3))
+    m = _mask(mask)
+    report = fxopt.Report()
+    mod = Attn(variant)
+    compiled = torch.compile(mod, backend=fxopt.make_backend(fxopt.OptimizeConfig(inner_backend="aot_eager"), report))
+    torch.manual_seed(1)
+    out = compiled(q, k, v, m)
+    matched, reason = NEAR[(variant, mask)]
+    assert len(report.matched("attention")) == matched, report.records
+    if reason:
+        assert reason in report.rejected("attention")[0].reason
+    if variant != "dropout":
+        ref = mod(q, k, v, m)
+        assert rel_err(out, ref) < 1e-5
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            assert rel_err(a, b) < 1e-5
+    torch._dynamo.reset()
