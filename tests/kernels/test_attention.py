@@ -237,9 +237,19 @@ def test_mask_summary():
     assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 1]
 
 
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("S", [1, 16, 37])
+def test_summary_kernel_matches_reference(mask, S):
+    """The Triton summary (what the op uses) equals the torch reference, for every mask kind and layout."""
+    m = make_mask(mask, 2, S, torch.Generator().manual_seed(S)).to(DEVICE)
+    if m.shape[0] > 1 and m.stride(0) == 0:
+        m = m[:1]
+    assert torch.equal(ak._summarise(m), ak._mask_summary(m))
+
+
 def test_wrong_mask_summary_is_caught(monkeypatch):
     """The mask tests can fail: a summary that calls every tile fully visible (the mask never read) is caught."""
-    real = ak._mask_summary
+    real = ak._summarise
 
     def all_full(mask):
         summary = real(mask).clone()
@@ -247,7 +257,7 @@ def test_wrong_mask_summary_is_caught(monkeypatch):
         summary[[0, 4]], summary[[1, 5]], summary[[2, 6]], summary[[3, 7]] = 0, T, 0, T
         return summary
 
-    monkeypatch.setattr(ak, "_mask_summary", all_full)
+    monkeypatch.setattr(ak, "_summarise", all_full)
     with pytest.raises(AssertionError, match="output"):
         run_case(2, 2, 1, 70, 16, torch.float32, mask="packed")
 
