@@ -469,31 +469,36 @@ if triton is not None:
         _store_tile(DV + b * stride_vgb + kvh64 * stride_vgh, dv, offs_n, offs_d, S, stride_vgs, stride_vgd, HEAD_DIM)
 
     @triton.jit
-    def _summary_kernel(MASK, OUT, S, n_strips, stride_b, stride_r, stride_c, stride_ob, field_stride):
-        """Fields 0-3 of _mask_summary for one strip of 16 rows of one batch entry, walking its tiles of 16
-        columns in order (rows = queries and columns = keys, or the other way round via the strides)."""
+    def _summary_kernel(MASK, OUT, S, n_strips, stride_b, stride_r, stride_c, stride_ob, field_stride,
+                        TILES: tl.constexpr):
+        """Fields 0-3 of _mask_summary for one strip of 16 rows of one batch entry, TILES tiles of 16 columns
+        at a time, in order (rows = queries and columns = keys, or the other way round via the strides)."""
         b = tl.program_id(1).to(tl.int64)
         strip = tl.program_id(0)
         rows = strip * 16 + tl.arange(0, 16)
-        cols = tl.arange(0, 16)
         base = MASK + b * stride_b + rows.to(tl.int64)[:, None] * stride_r
         rows_in = tl.minimum(S - strip * 16, 16)
         first = n_strips
         end = n_strips * 0
         full_first = n_strips
         full_end = n_strips
-        for t in range(0, n_strips):
-            c = t * 16 + cols
+        for t0 in range(0, n_strips, TILES):
+            c = t0 * 16 + tl.arange(0, TILES * 16)
             ok = (rows[:, None] < S) & (c[None, :] < S)
             tile = tl.load(base + c.to(tl.int64)[None, :] * stride_c, mask=ok, other=0)
-            count = tl.sum(tl.sum((tile != 0).to(tl.int32), 1), 0)
+            count = tl.sum(tl.reshape((tile != 0).to(tl.int32), (16, TILES, 16)), 2)  # [rows, tiles]
+            count = tl.sum(count, 0)  # [tiles]
+            t = t0 + tl.arange(0, TILES)
             area = rows_in * tl.minimum(S - t * 16, 16)
-            first = tl.where((count > 0) & (first == n_strips), t, first)
-            end = tl.where(count > 0, t + 1, end)
-            # the run of full tiles that starts at the first full one ends at the first tile after it that
-            # is not full
-            full_end = tl.where((full_end == n_strips) & (full_first < t) & (count != area), t, full_end)
-            full_first = tl.where((count == area) & (full_first == n_strips), t, full_first)
+            seen = (count > 0) & (t < n_strips)
+            full = (count == area) & (t < n_strips)
+            first = tl.minimum(first, tl.min(tl.where(seen, t, n_strips), 0))
+            end = tl.maximum(end, tl.max(tl.where(seen, t + 1, 0), 0))
+            full_first = tl.minimum(full_first, tl.min(tl.where(full, t, n_strips), 0))
+            # the run of full tiles starting at the first full one ends at the first tile after it that is not
+            # full (full_first only decreases within the chunk that sets it: earlier chunks lie before it)
+            after = (t > full_first) & (~full) & (t < n_strips)
+            full_end = tl.minimum(full_end, tl.min(tl.where(after, t, n_strips), 0))
         out = OUT + b * stride_ob + strip
         tl.store(out, first)
         tl.store(out + field_stride, end)
@@ -505,23 +510,44 @@ if triton is not None:
     def _configs(shapes):
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
-    # Hopper-sized tiles (a config that does not fit shared memory is skipped by the autotuner), one list for
-    # head dims up to 128 and one with narrower tiles for wider heads (fp32 accumulators of BLOCK x D per
-    # program). S is symbolic in a compiled graph and varies: tune on a power-of-two bucket of it.
+    # One list for head dims up to 128 and one with narrower tiles for wider heads (fp32 accumulators of
+    # BLOCK x D per program). S is symbolic in a compiled graph and varies: tune on a power-of-two bucket of it.
+    # The lists are short because every config is a compile (~1.5 s) in the model's first step: on the H100,
+    # out of 7 / 5 / 6 candidates, (64, 64, 4, 3) won every kernel at B4 x S2048 (D 64, causal or masked), and
+    # (128, 64, 4|8, 3) the forward and dq at S 8192; the rest never won (2026-11-26).
     _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD", "HAS_MASK"]
     _CONFIGS = {  # (kernel, wide head): [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
-        ("fwd", False): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                         (64, 64, 4, 2), (64, 32, 4, 2)],
-        ("dq", False): [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        ("dkdv", False): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 4, 2),
-                          (16, 64, 4, 2)],
+        ("fwd", False): [(64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 2)],
+        ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+        ("dkdv", False): [(64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 2)],
         ("fwd", True): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         ("dq", True): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         ("dkdv", True): [(32, 64, 8, 2), (16, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
     }  # the last of each list is the config used with AUTOTUNE off (it fits at every head dim)
     _KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
+
+    def _smem_bytes(kernel, bm, bn, stages, block_d, elem) -> int:
+        """Rough shared memory of a config: the tile a program keeps plus the tiles it streams per stage
+        (fwd: q; k, v. dq: q, dO; k, v. dkdv: k, v; q, dO)."""
+        kept, streamed = {"fwd": (bm, 2 * bn), "dq": (2 * bm, 2 * bn), "dkdv": (2 * bn, 2 * bm)}[kernel]
+        return (kept + stages * streamed) * block_d * elem
+
+    def _pruner(kernel):
+        def prune(configs, nargs, **kwargs):
+            """Drop the list's last config (the small one that fits anywhere) when a larger one fits this GPU's
+            shared memory: one compile fewer in the first step."""
+            q = nargs.get("Q")
+            limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 0) \
+                if q is not None and q.is_cuda else 0
+            fits = [c for c in configs[:-1] if limit and _smem_bytes(
+                kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["BLOCK_D"],
+                q.element_size()) <= limit]
+            return fits or configs
+        return prune
+
     _TUNED = {} if _INTERPRETED else {
-        key: triton.autotune(_configs(shapes), key=_KEY)(_KERNELS[key[0]]) for key, shapes in _CONFIGS.items()}
+        key: triton.autotune(_configs(shapes), key=_KEY, prune_configs_by={"early_config_prune": _pruner(key[0])})(
+            _KERNELS[key[0]]) for key, shapes in _CONFIGS.items()}
 
 
 # The interpreter's fixed tiles (its cost is per tile: small ones, yet the tests' shapes span several blocks).
@@ -609,15 +635,16 @@ def _pad_args(key_padding: Optional[Tensor], fallback: Tensor):
 
 
 def _summarise(mask: Tensor) -> Tensor:
-    """_mask_summary by a Triton kernel (one program per strip and batch entry, for each orientation): the
-    reference's dozen small torch ops cost ~0.4 ms per call at S = 2048, the kernel a few microseconds."""
+    """_mask_summary by a Triton kernel (one program per strip and batch entry, for each orientation, reading
+    16 tiles per step): the reference's dozen small torch ops took 0.43 ms per call at S = 2048 on the H100."""
     Bm, _, S, _ = mask.shape
     T = triton.cdiv(S, 16)
     out = torch.empty((8, Bm, T), dtype=torch.int32, device=mask.device)
     m = mask.view(torch.uint8)
     with on_device(mask.device):
         for first, (sr, sc) in ((0, (m.stride(2), m.stride(3))), (4, (m.stride(3), m.stride(2)))):
-            _summary_kernel[(T, Bm)](m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T)
+            _summary_kernel[(T, Bm)](m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T,
+                                     TILES=4 if _INTERPRETED else 16)
     return out
 
 

@@ -238,7 +238,7 @@ def test_mask_summary():
 
 
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("S", [1, 16, 37])
+@pytest.mark.parametrize("S", [1, 16, 37, 100])
 def test_summary_kernel_matches_reference(mask, S):
     """The Triton summary (what the op uses) equals the torch reference, for every mask kind and layout."""
     m = make_mask(mask, 2, S, torch.Generator().manual_seed(S)).to(DEVICE)
