@@ -535,13 +535,16 @@ if triton is not None:
     def _pruner(kernel):
         def prune(configs, nargs, **kwargs):
             """Drop the list's last config (the small one that fits anywhere) when a larger one fits this GPU's
-            shared memory: one compile fewer in the first step."""
+            shared memory: one compile fewer in the first step. Up to S = 4096 keep only the first (it won
+            every kernel at S 2048 on the H100)."""
             q = nargs.get("Q")
             limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 0) \
                 if q is not None and q.is_cuda else 0
             fits = [c for c in configs[:-1] if limit and _smem_bytes(
                 kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["BLOCK_D"],
                 q.element_size()) <= limit]
+            if fits and nargs.get("S_BUCKET", 0) <= 4096:
+                return fits[:1]
             return fits or configs
         return prune
 
