@@ -7,6 +7,7 @@
     fxopt          fxopt.optimize(model)  (CUDA graphs on, the default)
     fxopt_no_cudagraphs   fxopt.optimize(model, cudagraphs=False)
     fxopt_no_attention    fxopt.optimize(model, disable=["attention"]) (what the attention pass adds)
+    fxopt_no_swiglu       fxopt.optimize(model, disable=["swiglu"]) (what the SwiGLU pass adds)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
 (workload, setup): first-step seconds (includes compilation), then the median of --steps timed steps after
@@ -69,7 +70,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
 TINY_BATCH, TINY_SEQ = 2, 32
 
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs", "fxopt_no_attention"]
+SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs", "fxopt_no_attention",
+          "fxopt_no_swiglu"]
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -202,7 +204,8 @@ def worker(args, res: dict) -> None:
     elif args.setup.startswith("fxopt"):
         import fxopt
 
-        off = {"disable": ("attention",)} if args.setup == "fxopt_no_attention" else {}  # the pass's own gain
+        # fxopt_no_<pass>: what that pass adds, measured beside fxopt
+        off = {"disable": (args.setup[len("fxopt_no_"):],)} if args.setup in ("fxopt_no_attention", "fxopt_no_swiglu") else {}
         model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **off)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,178 @@
+"""fxopt::swiglu_lora_linear: the down projection of a gated MLP with its input h = silu(gate) * up formed
+inside the op, so that h is never saved for backward.
+
+    h   = silu(g) * u                       fp32 math, rounded once to g's dtype
+    out = h @ W^T + b + s * (h @ A^T) @ B^T  fxopt::lora_linear's forward (one accumulator)
+
+Why: a LoRA down projection needs its input h for dA, and the gate needs g and u for silu's backward, so an
+unfused step keeps g, u and h alive until the backward: on the dense workload (8192 tokens, intermediate 8192,
+bf16) that is 3 x 128 MiB per layer. Here the op saves g and u (which the gate's backward needs anyway) and
+t = h A^T, and recomputes h in the backward (one elementwise pass): 128 MiB per layer less.
+Backward: h recomputed; dh, dA, dB (and dW, db where they require grad) by fxopt::lora_linear_backward; then
+dg = dh * u * sig * (1 + g (1 - sig)), du = dh * silu(g) (sig = sigmoid(g)) in one elementwise kernel.
+
+Elementwise kernels: Triton on CUDA (and in the interpreter on CPU, how CI tests them); torch math otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the torch math
+    triton = None
+
+from fxopt.kernels import lora as _lora
+from fxopt.kernels.common import interpreted, new_output, on_device, use_triton, with_fallback
+
+_INTERPRETED = False
+BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_kernel(G, U, H, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(H + offs, h.to(H.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _swiglu_backward_kernel(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        tl.store(DU + offs, (dh * g * sig).to(DU.dtype.element_ty), mask=ok)
+        tl.store(DG + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=ok)
+
+    _INTERPRETED = interpreted(_swiglu_kernel)
+
+_new_output = new_output  # tests poison this module's outputs through it
+
+
+def _use_triton(*tensors: Tensor) -> bool:
+    return use_triton(_INTERPRETED, *tensors, family=__name__)
+
+
+def _grid(n: int):
+    return (triton.cdiv(n, BLOCK),)
+
+
+def _check(g: Tensor, u: Tensor):
+    if g.shape != u.shape or g.dtype != u.dtype or g.device != u.device:
+        raise ValueError(f"swiglu: gate {tuple(g.shape)} {g.dtype} and up {tuple(u.shape)} {u.dtype} must match")
+
+
+@torch.library.custom_op("fxopt::swiglu", mutates_args=())
+@with_fallback
+def swiglu(g: Tensor, u: Tensor) -> Tensor:
+    """h = silu(g) * u in fp32, rounded once to g's dtype (no autograd: used inside the fused op's backward)."""
+    _check(g, u)
+    h = _new_output(g.shape, g.dtype, g.device)
+    if not _use_triton(g, u) or g.numel() == 0:
+        gf = g.float()
+        h.copy_(torch.nn.functional.silu(gf) * u.float())
+        return h
+    g, u = g.contiguous(), u.contiguous()
+    with on_device(g.device):
+        _swiglu_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK)
+    return h
+
+
+@swiglu.register_fake
+def _(g, u):
+    _check(g, u)
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fxopt::swiglu_backward", mutates_args=())
+@with_fallback
+def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(dg, du) of h = silu(g) * u, in g's dtype."""
+    _check(g, u)
+    dg = _new_output(g.shape, g.dtype, g.device)
+    du = _new_output(g.shape, g.dtype, g.device)
+    if not _use_triton(dh, g, u) or g.numel() == 0:
+        dhf, gf, uf = dh.float(), g.float(), u.float()
+        sig = torch.sigmoid(gf)
+        du.copy_(dhf * gf * sig)
+        dg.copy_(dhf * uf * sig * (1 + gf * (1 - sig)))
+        return dg, du
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    with on_device(g.device):
+        _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dg, du, g.numel(), BLOCK=BLOCK)
+    return dg, du
+
+
+@swiglu_backward.register_fake
+def _(dh, g, u):
+    _check(g, u)
+    return (torch.empty_like(g, memory_format=torch.contiguous_format),
+            torch.empty_like(g, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("fxopt::swiglu_lora_linear", mutates_args=())
+@with_fallback
+def swiglu_lora_linear(g: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                       lora_b: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """(out [..., N], t = h @ A^T [M, R]); t is returned only to be saved for backward."""
+    h = swiglu(g, u)
+    outs, t = _lora._forward(h, [weight], [] if bias is None else [bias], [lora_a], [lora_b], [scaling], None,
+                             [bias is not None])
+    return outs[0], t
+
+
+@swiglu_lora_linear.register_fake
+def _(g, u, weight, bias, lora_a, lora_b, scaling):
+    _check(g, u)
+    m = 1
+    for d in g.shape[:-1]:
+        m = m * d
+    return g.new_empty(*g.shape[:-1], weight.shape[0]), g.new_empty(m, lora_a.shape[0], dtype=lora_a.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    g, u, weight, bias, lora_a, lora_b, scaling = inputs
+    ctx.save_for_backward(g, u, output[1], weight, lora_a, lora_b)
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, grad_t):
+    g, u, t, weight, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad  # (g, u, weight, bias, lora_a, lora_b, scaling)
+    if grad_out is None:
+        grad_out = torch.zeros(*g.shape[:-1], weight.shape[0], dtype=g.dtype, device=g.device)
+    h = swiglu(g, u)  # recomputed: the reason this op exists
+    need_db = bool(need[3]) and ctx.has_bias
+    flat = iter(_lora.lora_linear_backward([grad_out], h, None, t, [weight], [lora_a], [lora_b], [ctx.scaling],
+                                           True, [bool(need[2])], [need_db]))
+    dh = next(flat)
+    dw = next(flat) if need[2] else None
+    db = next(flat) if need_db else None
+    da, dbm = next(flat), next(flat)
+    dg, du = swiglu_backward(dh, g, u) if (need[0] or need[1]) else (None, None)
+    return dg, du, dw, db, da, dbm, None
+
+
+swiglu_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reference(g, u, weight, bias, lora_a, lora_b, scaling) -> Tensor:
+    """The op's math in plain PyTorch (differentiable): h in fp32 rounded to g's dtype, then PEFT's LoRA."""
+    h = (torch.nn.functional.silu(g.float()) * u.float()).to(g.dtype)
+    return _lora.reference(h, [weight], [bias], [lora_a], [lora_b], [scaling])[0]
+
+
+def swiglu_lora_linear_fn(g, u, weight, bias, lora_a, lora_b, scaling) -> Tensor:
+    return torch.ops.fxopt.swiglu_lora_linear(g, u, weight, bias, lora_a, lora_b, float(scaling))[0]

@@ -1,0 +1,106 @@
+"""Gated MLP: silu(gate) * up feeding a fused LoRA down projection -> fxopt::swiglu_lora_linear.
+
+Pattern (after the lora pass has fused the LoRA linears):
+    h   = silu(g) * u          (or u * silu(g)); g, u: any tensors of one dtype and shape (here, the outputs of
+                               the fused gate/up LoRA op)
+    out = fxopt::lora_linear(h, [W], [b?], [A], [B], [s], x_lora=None)[0]
+Rewrite: out = fxopt::swiglu_lora_linear(g, u, W, b, A, B, s)[0]. The op forms h itself and recomputes it in
+the backward instead of saving it (see fxopt/kernels/swiglu.py): one [tokens x intermediate] tensor per layer
+less activation memory.
+
+Reported when the activation product feeds a LoRA down projection but is not matched: a GELU (GeGLU)
+activation (not fused yet), LoRA dropout on the down projection (its dropped input would have to be saved),
+h or silu(g) used elsewhere, gate and up of different dtypes or shapes.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fxopt.kernels import swiglu as _kernel  # noqa: F401  (registers torch.ops.fxopt.swiglu_lora_linear)
+from fxopt.passes.graph_utils import MUL_TARGETS, Reject, is_call, module_path, value
+from fxopt.report import MatchRecord
+
+NAME = "swiglu"
+DESCRIPTION = "silu(gate) * up -> LoRA down projection as fxopt::swiglu_lora_linear (h recomputed, not saved)"
+SILU_TARGETS = (F.silu, torch.ops.aten.silu.default)
+GELU_TARGETS = (F.gelu, torch.ops.aten.gelu.default)
+
+
+def _activation_product(x):
+    """(act node, other factor) when x = act(g) * u or u * act(g) with act a silu or gelu call, else None."""
+    if not is_call(x, MUL_TARGETS) or len(x.args) != 2 or x.kwargs:
+        return None
+    for act, other in ((x.args[0], x.args[1]), (x.args[1], x.args[0])):
+        if is_call(act, SILU_TARGETS + GELU_TARGETS) and isinstance(other, fx.Node):
+            return act, other
+    return None
+
+
+def _match(op, ctx):
+    x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias = op.args
+    found = _activation_product(x)
+    if found is None or len(weights) != 1:
+        return None  # not a gated MLP's down projection: nothing to report
+    act, u = found
+    if is_call(act, GELU_TARGETS):
+        raise Reject("GELU-gated MLP (GeGLU): only silu is fused so far")
+    if act.kwargs.get("inplace", False) or len(act.args) != 1:
+        raise Reject("silu with extra arguments")
+    g = act.args[0]
+    if x_lora is not None:
+        raise Reject("LoRA dropout on the down projection: its dropped input would have to be saved")
+    if len(act.users) != 1 or len(x.users) != 1:
+        raise Reject("silu(gate) or the gated product is also used elsewhere")
+    vg, vu = value(g), value(u)
+    if vg is None or vu is None:
+        raise Reject("no example values on the graph")
+    if vg.dtype != vu.dtype or vg.dim() != vu.dim() or not all(
+            statically_known_true(a == b) for a, b in zip(vg.shape, vu.shape)):
+        raise Reject(f"gate {vg.dtype} {tuple(vg.shape)} and up {vu.dtype} {tuple(vu.shape)} differ")
+    bias = biases[0] if has_bias[0] else None
+    users = list(op.users)
+    if not all(is_call(n, (operator.getitem,)) and n.args[1] == 0 for n in users):
+        raise Reject("the adapter's saved product is read outside the op")
+    where = ctx.locate(weights[0], module_path(op, ctx.prefix))
+    return dict(op=op, g=g, u=u, w=weights[0], b=bias, a=lora_as[0], bm=lora_bs[0], s=scalings[0], act=act, x=x,
+                users=users, where=where)
+
+
+def _rewrite(gm, m):
+    g = gm.graph
+    with g.inserting_before(m["op"]):
+        new = g.call_function(torch.ops.fxopt.swiglu_lora_linear.default,
+                              (m["g"], m["u"], m["w"], m["b"], m["a"], m["bm"], m["s"]))
+        out = g.call_function(operator.getitem, (new, 0))
+    for user in m["users"]:
+        user.replace_all_uses_with(out)
+        g.erase_node(user)
+    g.erase_node(m["op"])
+    for n in (m["x"], m["act"]):
+        if not n.users:
+            g.erase_node(n)
+
+
+def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
+    records = []
+    for op in [n for n in gm.graph.nodes if is_call(n, (torch.ops.fxopt.lora_linear.default,))]:
+        try:
+            m = _match(op, ctx)
+        except Reject as e:
+            records.append(MatchRecord(NAME, module_path(op, ctx.prefix), "rejected", str(e), ctx.graph_name))
+            continue
+        if m is None:
+            continue
+        _rewrite(gm, m)
+        records.append(MatchRecord(NAME, m["where"], "matched",
+                                   "fxopt::swiglu_lora_linear (h = silu(gate) * up recomputed in backward)",
+                                   ctx.graph_name))
+    if any(r.status == "matched" for r in records):
+        gm.graph.lint()
+        gm.recompile()
+    return records

@@ -1,0 +1,128 @@
+"""fxopt::swiglu_lora_linear (and its elementwise ops) against the plain-PyTorch reference in float64:
+forward and every gradient (gate, up, A, B, and W / bias where they require grad), odd sizes, M = 1, ranks 1 to
+64, non-contiguous gate/up, fp32 and fp16 in Triton's interpreter on CPU, bf16 on the GPU. Every buffer the
+kernels write is poisoned with NaN (tests/kernels/conftest.py)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxopt.kernels import swiglu as sk
+from fxopt.kernels.swiglu import reference, swiglu_lora_linear_fn
+from tests.kernels.numerics import TOL, rel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(M, K, N, R, dtype, adapter_dtype, bias, layout, train_base, g, device=DEVICE):
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    if layout == "sliced":  # gate and up as column slices of one wider buffer (non-contiguous)
+        both = rnd(M, 2 * K + 3)
+        gate, up = both[:, 1:K + 1], both[:, K + 3:]
+    else:
+        gate, up = rnd(M, K), rnd(M, K)
+    w = rnd(N, K, scale=K ** -0.5)
+    b = rnd(N) if bias else None
+    a = rnd(R, K, dt=adapter_dtype, scale=K ** -0.5)
+    bm = rnd(N, R, dt=adapter_dtype, scale=0.5)
+    leaves = [gate.requires_grad_(), up.requires_grad_(), a.requires_grad_(), bm.requires_grad_()]
+    if train_base:
+        leaves.append(w.requires_grad_())
+        if b is not None:
+            leaves.append(b.requires_grad_())
+    return gate, up, w, b, a, bm, leaves
+
+
+def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguous", train_base=False, seed=0,
+             scaling=0.5, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    gate, up, w, b, a, bm, leaves = make(M, K, N, R, dtype, adapter_dtype, bias, layout, train_base, g, device)
+    out = swiglu_lora_linear_fn(gate, up, w, b, a, bm, scaling)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    by_id = {id(t): r for t, r in zip(leaves, ref_leaves)}
+    ref_args = [by_id.get(id(t), t.detach().double() if t is not None else None) for t in (gate, up, w, b, a, bm)]
+    ref = reference(*ref_args, scaling)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel(out, ref) < tol, "output"
+    dy = torch.randn(out.shape, generator=g).to(device=device, dtype=dtype)
+    got = torch.autograd.grad(out, leaves, dy)
+    want = torch.autograd.grad(ref, ref_leaves, dy.double())
+    for i, (x, y, t) in enumerate(zip(got, want, leaves)):
+        assert x.dtype == t.dtype and x.shape == t.shape, f"gradient {i}"
+        # every gradient flows through h, rounded to the base dtype (as PEFT's is): that dtype's tolerance
+        assert rel(x, y) < max(TOL[t.dtype], TOL[dtype]), f"gradient {i}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.one_of(st.just(1), st.integers(1, 70)), K=st.one_of(st.sampled_from([1, 16, 33]), st.integers(1, 80)),
+       N=st.integers(1, 48), R=st.sampled_from([1, 4, 16, 64]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       fp32_adapter=st.booleans(), bias=st.booleans(), layout=st.sampled_from(["contiguous", "sliced"]),
+       train_base=st.booleans(), seed=st.integers(0, 2**16))
+def test_op_matches_reference(M, K, N, R, dtype, fp32_adapter, bias, layout, train_base, seed):
+    run_case(M, K, N, R, dtype, torch.float32 if fp32_adapter else None, bias, layout, train_base, seed)
+
+
+def test_large_activations():
+    """|g| up to 30: sigmoid saturates (its derivative underflows); values stay finite and exact."""
+    g = torch.Generator().manual_seed(3)
+    gate = (torch.randn(5, 40, generator=g) * 30).to(DEVICE)
+    up = torch.randn(5, 40, generator=g).to(DEVICE)
+    h = sk.swiglu(gate, up)
+    assert rel(h, torch.nn.functional.silu(gate.double()) * up.double()) < TOL[torch.float32]
+    dh = torch.randn(5, 40, generator=g).to(DEVICE)
+    dg, du = sk.swiglu_backward(dh, gate, up)
+    gd, ud = gate.double().requires_grad_(), up.double().requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.silu(gd) * ud, (gd, ud), dh.double())
+    assert rel(dg, want[0]) < TOL[torch.float32] and rel(du, want[1]) < TOL[torch.float32]
+
+
+def test_h_is_not_saved():
+    """What the op exists for: its autograd keeps gate, up and the small t, not h (no [M, K] tensor besides
+    gate and up)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, w, b, a, bm, leaves = make(64, 96, 32, 4, torch.float32, torch.float32, False, "contiguous", False, g)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        swiglu_lora_linear_fn(gate, up, w, b, a, bm, 0.5)
+    big = [t for t in saved if t.shape == (64, 96)]
+    assert len(big) == 2 and all(any(t is x for x in (gate, up)) for t in big)
+
+
+def test_wrong_backward_is_caught(monkeypatch):
+    """The gradient checks can fail: a backward that drops silu's derivative term is caught."""
+    real = sk.swiglu_backward
+
+    def wrong(dh, g, u):
+        dg, du = real(dh, g, u)
+        return du * u / g.clamp_min(1e-3), du
+
+    monkeypatch.setattr(sk, "swiglu_backward", wrong)
+    with pytest.raises(AssertionError, match="gradient"):
+        run_case(9, 17, 5, 4, torch.float32)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="must match"):
+        sk.swiglu(torch.randn(3, 4), torch.randn(3, 5))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    gate, up, w, b, a, bm, _ = make(6, 8, 5, 2, torch.float32, torch.float32, True, "contiguous", True, g)
+    torch.library.opcheck(torch.ops.fxopt.swiglu_lora_linear.default, (gate, up, w, b, a, bm, 0.5))
+    torch.library.opcheck(torch.ops.fxopt.swiglu.default, (gate.detach(), up.detach()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 1000, 8192])
+def test_bf16_gpu(M):
+    run_case(M, 8192 if M == 8192 else 300, 2048 if M == 8192 else 77, 16, torch.bfloat16, torch.float32,
+             device="cuda")
