@@ -41,7 +41,12 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     backend = make_backend(config, report, model)
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
-        compile_blocks(found[1], backend, config.dynamic)
+        compile_blocks(found[1], backend, config.dynamic, config.memory)
+    elif config.memory != "none":
+        import warnings
+
+        warnings.warn(f"fxopt: memory={config.memory!r} was asked for, but no repeated block (a ModuleList of "
+                      "one class) was found in the model: no activation is recomputed or offloaded", stacklevel=2)
     model.register_forward_pre_hook(_same_device_as_weights, with_kwargs=True)
     model.compile(backend=backend, dynamic=config.dynamic)
     model._fxopt_report = report

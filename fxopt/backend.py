@@ -156,6 +156,8 @@ def no_cudagraphs_reason(model) -> str | None:
             return "the model is sharded by FSDP2"
         if getattr(m, "gradient_checkpointing", False) is True and m.training:
             return "gradient checkpointing is on (the recompute reads outputs that replays overwrite)"
+        if getattr(m, "_fxopt_memory", "none") != "none":
+            return f"memory={m._fxopt_memory!r} recomputes the blocks (the recompute reads outputs that replays overwrite)"
     return None
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+MEMORY_POLICIES = ("none", "recompute", "offload")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class OptimizeConfig:
                    new sequence length records a new CUDA graph for it (memory per recorded size).
                    A tensor a step returns (the loss) is overwritten by the next step: torch raises if you
                    read it after that, so read or clone it first. CUDA + Inductor only (ignored elsewhere).
+    memory:        activation memory policy of the repeated decoder blocks in training (needs regional=True):
+                   "none" (default: every block keeps what its backward needs; the fastest),
+                   "recompute": each block keeps only its inputs and recomputes its fused forward in the
+                   backward (activation checkpointing, as HF's gradient_checkpointing but for any model),
+                   "offload": as "recompute", and those inputs wait in (pinned) CPU memory until the backward.
+                   Both turn CUDA graphs off for the model (a recompute reads outputs that replays overwrite).
     """
 
     disable: tuple[str, ...] = field(default_factory=lambda: tuple(
@@ -50,6 +57,7 @@ class OptimizeConfig:
     keep_logits: bool = False
     cudagraphs: bool = True
     deterministic: bool = False
+    memory: str = "none"
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -68,6 +76,10 @@ class OptimizeConfig:
         for name in ("regional", "verbose", "cudagraphs", "keep_logits", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"OptimizeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.memory not in MEMORY_POLICIES:
+            raise ValueError(f"OptimizeConfig.memory must be one of {MEMORY_POLICIES}, got {self.memory!r}")
+        if self.memory != "none" and not self.regional:
+            raise ValueError(f"OptimizeConfig.memory={self.memory!r} works per decoder block: it needs regional=True")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"OptimizeConfig.dynamic must be True, False or None, got {self.dynamic!r}")
 

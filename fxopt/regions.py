@@ -15,6 +15,7 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -30,7 +31,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
+def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none") -> None:
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):
             continue
@@ -43,6 +44,7 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic) -> None:
         block.forward = torch._dynamo.disable(_forward(block, regular, compiled, wraps_checkpoint),
                                               recursive=False)
         block._fxopt_compiled = True
+        block._fxopt_memory = memory  # read by the forward and by backend.no_cudagraphs_reason
 
 
 def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
@@ -60,12 +62,19 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
 
     def forward(*args, **kwargs):
         with _no_ddp_split():
-            checkpointing = getattr(block, "gradient_checkpointing", False) and block.training
-            if not (checkpointing and torch.is_grad_enabled()):
-                return regular(*args, **kwargs)
-            if wraps_checkpoint:
-                return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs), *args)
-            return compiled(*args, **kwargs)
+            training = block.training and torch.is_grad_enabled()
+            checkpointing = getattr(block, "gradient_checkpointing", False) and training
+            policy = block._fxopt_memory if training else "none"
+            if checkpointing:  # HF's own checkpointing is the recompute policy already
+                if wraps_checkpoint:
+                    return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs),
+                                     *args)
+                return compiled(*args, **kwargs)
+            if policy == "recompute":
+                return _untraced(_recompute, functools.partial(compiled, **kwargs), *args)
+            if policy == "offload":
+                return _untraced(_offloaded, functools.partial(compiled, **kwargs), kwargs, *args)
+            return regular(*args, **kwargs)
 
     return forward
 
@@ -78,6 +87,28 @@ def _no_ddp_split():
     if torch.nn.parallel.DistributedDataParallel._get_active_ddp_module() is None:
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(optimize_ddp=False)
+
+
+def _recompute(run, *args):
+    """memory="recompute": torch's non-reentrant activation checkpointing around the compiled block."""
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def _offloaded(run, kwargs, *args):
+    """memory="offload": the reentrant checkpoint saves exactly the block's tensor inputs (the hidden states)
+    with save_for_backward, and save_on_cpu moves what is saved to CPU memory (pinned, so the copies back are
+    fast) until the backward needs it; the block's activations are recomputed there. Reentrant checkpointing
+    only backpropagates if an input requires grad: with a frozen embedding the first block's hidden states do
+    not, so they are given a detached copy that does (its gradient goes nowhere, as before). Keyword tensors
+    that require grad would get no gradient through a reentrant checkpoint: such a call is only recomputed."""
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()):
+        return _recompute(run, *args)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if tensors and not any(args[i].requires_grad for i in tensors) and args[tensors[0]].is_floating_point():
+        args = list(args)
+        args[tensors[0]] = args[tensors[0]].detach().requires_grad_()
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True)
 
 
 @torch._dynamo.disable
