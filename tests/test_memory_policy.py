@@ -87,3 +87,15 @@ def test_bad_values():
         fxopt.optimize(tiny_lora_model("llama"), memory="fast")
     with pytest.raises(ValueError, match="regional=True"):
         fxopt.optimize(tiny_lora_model("llama"), memory="offload", regional=False)
+
+
+def test_every_pass_under_recompute():
+    """All passes on (attention, SwiGLU, norms, loss) with the blocks recomputed: the fused ops' backward
+    runs on the recomputed graph."""
+    model = tiny_lora_model("qwen3")
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager", memory="recompute")
+    assert_same_training(model, ref, batch(seq=24))
+    report = fxopt.report(model)
+    for name in ("lora", "swiglu", "attention", "rms_norm"):
+        assert report.matched(name), name
