@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fxopt
-from tests.models import assert_same_training, batch, rel_err, tiny_lora_model, twin
+from tests.models import assert_same_training, batch, rel_err, tiny_lora_model, train_step, twin
 
 
 def _optimized_pair(**lora):
@@ -17,7 +17,22 @@ def _optimized_pair(**lora):
 
 def test_batch_one_and_length_one():
     model, ref = _optimized_pair()
-    assert_same_training(model, ref, batch(seq=2, bsz=1))  # the shortest sequence that has a target
+    # the shortest sequence that has a target. Its one target reads position 0, which attends to key 0 alone:
+    # softmax is exactly 1 there, so every gradient through q and k (the q/k LoRA weights) is mathematically
+    # zero. The reference gets exact zeros; fxopt's attention kernel forms dS = P (dP - delta) with dP and
+    # delta summed in different orders, i.e. zeros up to rounding of terms of the size of the other gradients.
+    # Those are compared against that size (1e-6 of the largest gradient); every other gradient as usual.
+    loss, grads = train_step(model, batch(seq=2, bsz=1))
+    ref_loss, ref_grads = train_step(ref, batch(seq=2, bsz=1))
+    assert rel_err(loss, ref_loss) < 1e-5
+    scale = max(g.norm().item() for g in ref_grads.values())
+    zero = [n for n, g in ref_grads.items() if g.norm() == 0]
+    assert zero and all(("q_proj" in n or "k_proj" in n) for n in zero)
+    for name, g in grads.items():
+        if name in zero:
+            assert g.norm().item() <= 1e-6 * scale, name
+        else:
+            assert rel_err(g, ref_grads[name]) < 1e-5, name
     ids = torch.tensor([[5]])
     model.eval()
     ref.eval()

@@ -129,10 +129,10 @@ def _match(node, ctx) -> dict:
                        + (", repeat_kv looked through" if n_rep > 1 else ""))
 
 
-def _where(node, ctx) -> str:
+def _where(node, ctx, eager: bool = False) -> str:
     """The attention module's path for the report: the parent of the nearest weight matrix upstream of q (its
     q projection), else the graph's module stack."""
-    seen, todo = set(), [_sdpa_args(node)["query"]]
+    seen, todo = set(), [node if eager else _sdpa_args(node)["query"]]
     while todo and len(seen) < 64:
         n = todo.pop(0)
         if not isinstance(n, fx.Node) or n in seen:
@@ -163,8 +163,42 @@ def _rewrite(gm, m):
             g.erase_node(n)
 
 
+SOFTMAX_TARGETS = (F.softmax, torch.softmax, torch.ops.aten._softmax.default)
+MATMUL_TARGETS = (torch.matmul, operator.matmul, torch.bmm)
+
+
+def _eager_attention(softmax) -> bool:
+    """Whether a softmax sits between two matmuls within a few elementwise steps (HF's eager attention:
+    matmul(q, k^T) * scale [+ softcap] + mask -> softmax -> [cast, dropout] -> matmul(., v))."""
+    def near(node, step, limit=6):
+        for _ in range(limit):
+            nxt = step(node)
+            if nxt is None:
+                return False
+            if is_call(nxt, MATMUL_TARGETS):
+                return True
+            node = nxt
+        return False
+
+    def up(n):
+        first = n.args[0] if n.args else None
+        return first if isinstance(first, fx.Node) else None
+
+    def down(n):
+        users = list(n.users)
+        return users[0] if len(users) == 1 else None
+
+    return near(softmax, up) and near(softmax, down)
+
+
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
     records = []
+    for node in [n for n in gm.graph.nodes if is_call(n, SOFTMAX_TARGETS) or is_method(n, "softmax")]:
+        if _eager_attention(node):  # said, so that a user of attn_implementation="eager" knows what to change
+            records.append(MatchRecord(NAME, _where(node.args[0], ctx, eager=True), "rejected",
+                                       "eager attention (matmul, softmax, matmul) is not fused: load the model "
+                                       "with attn_implementation=\"sdpa\" (HF's eager attention also returns "
+                                       "the probabilities, which a fused kernel never forms)", ctx.graph_name))
     for node in [n for n in gm.graph.nodes if is_call(n, SDPA_TARGETS)]:
         where = _where(node, ctx)
         try:

@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config
 
 import fxopt
 from fxopt.passes import pass_names
+from tests.kernels.numerics import rel
+from tests.kernels.test_attention import make_mask
 from tests.models import (
     COMMON, TARGETS, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err,
     tiny_lora_model, twin)
@@ -112,11 +115,14 @@ def test_inductor_all_passes():
     assert report.matched("attention") and report.matched("lora")
 
 
-def test_eager_attention_is_left_alone():
+def test_eager_attention_is_left_alone_and_reported():
     """attn_implementation="eager" (matmul, add mask, softmax, matmul) has no SDPA node: nothing matched,
-    nothing broken."""
-    report = compare(model_of("llama", attn="eager"), padded_batch())
+    nothing broken, and the report says what to change."""
+    report = compare(model_of("llama", attn="eager"), padded_batch(), regional=False)
     assert not report.matched("attention")
+    rejected = report.rejected("attention")
+    assert len(rejected) == LAYERS and all('attn_implementation="sdpa"' in r.reason for r in rejected)
+    assert all(r.location.endswith("self_attn") for r in rejected)
 
 
 def test_disable():
@@ -205,3 +211,46 @@ def test_match_or_leave_alone(variant, mask):
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             assert rel_err(a, b) < 1e-5
     torch._dynamo.reset()
+
+
+class HFLikeAttention(nn.Module):
+    """HF's sdpa attention: repeat_kv'd K/V (or enable_gqa), the model's bool mask, a scale."""
+
+    def __init__(self, n_rep, gqa_flag, scale):
+        super().__init__()
+        self.n_rep, self.gqa_flag, self.scale = n_rep, gqa_flag, scale
+
+    def forward(self, q, k, v, mask):
+        if self.gqa_flag:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        B, H, S, D = k.shape
+        k = k[:, :, None, :, :].expand(B, H, self.n_rep, S, D).reshape(B, H * self.n_rep, S, D)
+        v = v[:, :, None, :, :].expand(B, H, self.n_rep, S, D).reshape(B, H * self.n_rep, S, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 2), hkv=st.sampled_from([1, 2]), n_rep=st.sampled_from([1, 2, 4]),
+       S=st.integers(1, 40), D=st.sampled_from([8, 16, 24]), gqa_flag=st.booleans(),
+       mask=st.sampled_from(["causal", "causal_left_pad", "window", "packed", "random", "none"]),
+       scale=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**16))
+def test_random_sdpa_calls_match_and_equal(B, hkv, n_rep, S, D, gqa_flag, mask, scale, seed):
+    """Random shapes, GQA ratios and HF mask kinds: matched once, output and q/k/v gradients equal SDPA's."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, hkv * n_rep, S, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, hkv, S, D, generator=g, requires_grad=True) for _ in range(2))
+    m = None if mask == "none" else make_mask(mask, B, S, g)
+    mod = HFLikeAttention(n_rep, gqa_flag, scale)
+    report = fxopt.Report()
+    compiled = torch.compile(mod, backend=fxopt.make_backend(fxopt.OptimizeConfig(inner_backend="aot_eager"), report))
+    out, ref = compiled(q, k, v, m), mod(q, k, v, m)
+    assert len(report.matched("attention")) == 1, report.records
+    # rows that see no key: SDPA's math gives 0 on torch >= 2.5, as the op does
+    assert rel_err(out, ref) < 1e-5
+    do = torch.randn(ref.shape, generator=g)
+    # dq and dk cancel to ~0 where a row sees one key (S = 1, or a mask row with one visible key): there they
+    # are known only relative to the terms they sum, of the size of dO (q, k, v are unit normal): floor 0.1|dO|
+    floor = 0.1 * do.norm().item()
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert rel(a, b, floor) < 1e-5

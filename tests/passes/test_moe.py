@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 import fxopt
+from fxopt.passes import pass_names
 from fxopt.kernels import moe as moe_kernels  # noqa: F401  (registers fxopt::moe_experts)
 from tests.models import optimize_and_check_on_gpu, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err
 
@@ -92,10 +93,12 @@ def test_eager_experts_loop_reported_not_matched():
 def test_bf16_grouped_mm_matched_and_close():
     """bf16 experts take torch._grouped_mm under torch.compile (fp32 ones take transformers' fallback op):
     the other graph form. Compared with the fp32 model: the optimized bf16 model is no further from it than
-    the unoptimized bf16 model is (both carry bf16 rounding through two layers)."""
+    the unoptimized bf16 model is (both carry bf16 rounding through two layers). The other passes are off: this
+    compares the MoE op alone (per parameter, a pass elsewhere in the model changes which bf16 roundings a
+    gradient collects, and one token's top-k choice can flip with them)."""
     model = tiny_moe_model("qwen3_moe", dtype=torch.bfloat16)
     eager, ref32 = copy.deepcopy(model), copy.deepcopy(model).float()
-    fxopt.optimize(model, inner_backend="aot_eager", disable=["lora", "rms_norm", "cross_entropy"])
+    fxopt.optimize(model, inner_backend="aot_eager", disable=[p for p in pass_names() if p != "moe"])
     assert_no_less_accurate(model, eager, ref32, batch())
     assert {r.location for r in fxopt.report(model).matched("moe")} == {EXPERTS}
 
