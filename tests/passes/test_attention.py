@@ -254,3 +254,16 @@ def test_random_sdpa_calls_match_and_equal(B, hkv, n_rep, S, D, gqa_flag, mask, 
     floor = 0.1 * do.norm().item()
     for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
         assert rel(a, b, floor) < 1e-5
+
+
+def test_fp32_on_cuda_is_left_to_sdpa():
+    """The guard: fp32 q on a CUDA device is left to SDPA (not measured faster yet); bf16 there, and fp32 on
+    the CPU (these tests), are matched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxopt.passes.attention import fp32_left_to_sdpa
+
+    with FakeTensorMode():
+        cuda32, cuda16 = torch.empty(1, 2, 3, 4, device="cuda"), torch.empty(1, 2, 3, 4, device="cuda").bfloat16()
+    assert fp32_left_to_sdpa(cuda32) and not fp32_left_to_sdpa(cuda16)
+    assert not fp32_left_to_sdpa(torch.empty(1, 2, 3, 4))
