@@ -3,12 +3,14 @@ fxopt::swiglu_lora_linear (counted), loss and gradients equal the unoptimized mo
 the down projection and a down projection without LoRA are left alone (the first two reported)."""
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 import fxopt
 from fxopt.passes import pass_names
-from tests.models import COMMON, TARGETS, assert_same_training, batch, tiny_lora_model, twin
+from tests.models import COMMON, TARGETS, assert_same_training, batch, rel_err, tiny_lora_model, twin
 
 torch._dynamo.config.cache_size_limit = 64
 LAYERS = COMMON["num_hidden_layers"]
@@ -67,3 +69,52 @@ def test_bf16_and_disable():
     assert len(fxopt.report(model).matched("swiglu")) == LAYERS
     report = compare(tiny_lora_model("llama"), disable=pass_names())
     assert not report.matched("swiglu") and not report.rejected("swiglu")
+
+
+class GatedMLP(torch.nn.Module):
+    """A PEFT-like gated MLP built by hand, with features that must or must not block the fusion."""
+
+    def __init__(self, h, i, r, act, swap, extra_reader, down_dropout, down_bias, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.act, self.swap, self.extra_reader, self.down_dropout = act, swap, extra_reader, down_dropout
+
+        def p(*shape, scale=0.3, grad=True):
+            return torch.nn.Parameter(torch.randn(*shape, generator=g) * scale, requires_grad=grad)
+
+        self.w_gate, self.w_up, self.w_down = p(i, h, grad=False), p(i, h, grad=False), p(h, i, grad=False)
+        self.b_down = p(h, grad=False) if down_bias else None
+        self.a_gate, self.bm_gate, self.a_down, self.bm_down = p(r, h), p(i, r), p(r, i), p(h, r)
+
+    def forward(self, x):
+        gate = F.linear(x, self.w_gate) + F.linear(F.linear(x, self.a_gate), self.bm_gate) * 2.0
+        up = F.linear(x, self.w_up)
+        a = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        h = up * a if self.swap else a * up
+        hl = F.dropout(h, 0.3, training=True) if self.down_dropout else h
+        out = F.linear(h, self.w_down, self.b_down) + F.linear(F.linear(hl, self.a_down), self.bm_down) * 0.5
+        return out + h.sum() if self.extra_reader else out
+
+
+@settings(max_examples=20, deadline=None)
+@given(act=st.sampled_from(["silu", "silu", "gelu"]), swap=st.booleans(), extra_reader=st.sampled_from([False, False, True]),
+       down_dropout=st.sampled_from([False, False, True]), down_bias=st.booleans(), lead=st.sampled_from([(1,), (3,), (2, 5)]),
+       h=st.integers(1, 24), i=st.integers(1, 40), r=st.sampled_from([1, 4]), seed=st.integers(0, 2**16))
+def test_random_gated_mlps(act, swap, extra_reader, down_dropout, down_bias, lead, h, i, r, seed):
+    """Matched exactly when nothing blocks it; outputs and gradients (x, adapters) equal eager either way."""
+    torch._dynamo.reset()
+    mod = GatedMLP(h, i, r, act, swap, extra_reader, down_dropout, down_bias, seed)
+    x = torch.randn(*lead, h, generator=torch.Generator().manual_seed(seed + 1), requires_grad=True)
+    report = fxopt.Report()
+    compiled = torch.compile(mod, backend=fxopt.make_backend(fxopt.OptimizeConfig(inner_backend="aot_eager"), report))
+    torch.manual_seed(seed)
+    out = compiled(x)
+    torch.manual_seed(seed)
+    ref = mod(x)
+    should = act == "silu" and not extra_reader and not down_dropout
+    assert len(report.matched("swiglu")) == int(should), report.records
+    assert rel_err(out, ref) < 1e-5
+    leaves = [x] + [p for p in mod.parameters() if p.requires_grad]
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 2))
+    for a, b in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        assert rel_err(a, b) < 1e-5
