@@ -267,3 +267,17 @@ def test_fp32_on_cuda_is_left_to_sdpa():
         cuda32, cuda16 = torch.empty(1, 2, 3, 4, device="cuda"), torch.empty(1, 2, 3, 4, device="cuda").bfloat16()
     assert fp32_left_to_sdpa(cuda32) and not fp32_left_to_sdpa(cuda16)
     assert not fp32_left_to_sdpa(torch.empty(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("model_type", ["granite", "cohere", "olmo2", "olmo3", "starcoder2", "stablelm", "gpt_neox",
+                                        "phi", "glm", "smollm3", "exaone4"])
+def test_families_no_test_above_names(model_type):
+    """Decoder families beyond the named ones (built from their config classes, full fine-tuning): every
+    layer's attention matched, loss and every gradient equal. No file of fxopt names any of them."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, pad_token_id=0, **COMMON)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    report = compare(model, batch(seq=24), regional=False)
+    assert len(report.matched("attention")) == LAYERS and not report.rejected("attention"), report.records
