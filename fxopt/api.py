@@ -37,6 +37,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     hf_config = getattr(model, "config", None)
     if hf_config is not None and getattr(hf_config, "use_cache", None):
         hf_config.use_cache = False
+    _room_to_recompile()
     found = find_blocks(model) if config.regional else None
     backend = make_backend(config, report, model)
     if found is not None:
@@ -52,6 +53,21 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     model._fxopt_report = report
     model._fxopt_config = config
     return model
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _room_to_recompile() -> None:
+    """Code that every optimized model runs (transformers' decorator wrappers around a decoder layer's
+    forward, PEFT's layers) is one code object to Dynamo, holding a compiled entry per model and per block
+    variant. With Dynamo's default recompile_limit (8) a process that optimizes a second or third model ran
+    that model's blocks eagerly (seen with two tiny models in one process). fxopt raises the limit (process-
+    wide: Dynamo has no per-function limit) and never lowers one a user set higher."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < RECOMPILE_LIMIT:
+        setattr(cfg, name, RECOMPILE_LIMIT)
 
 
 @torch._dynamo.disable

@@ -58,9 +58,11 @@ class Report:
         block), or None."""
         if self.blocks is None or self.block_graphs or not self.graphs:
             return None
-        return (f"no graph of the {self.blocks[2]} blocks was compiled: they ran eagerly, unfused. Something "
-                "called their original forward around fxopt's compiled one (a wrapper or hook installed after "
-                "fxopt.optimize, or Dynamo disabled for them): optimize the model after installing it.")
+        return (f"no graph of the {self.blocks[2]} blocks was compiled: they ran eagerly, unfused. Either "
+                "something called their original forward around fxopt's compiled one (a wrapper or hook installed "
+                "after fxopt.optimize, or Dynamo disabled for them): optimize the model after installing it; or "
+                "Dynamo reached torch._dynamo.config.recompile_limit for code the blocks share with models "
+                "compiled earlier in this process (its log says 'hit config.recompile_limit'): raise it.")
 
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -1,0 +1,55 @@
+"""Every pass at once on decoder families that no other test (and no file of fxopt) names, built from their
+transformers config classes with PEFT LoRA on all linears: loss and every LoRA gradient equal the
+unoptimized model's, and the passes that apply to the family match (what they find differs: GLM fuses gate
+and up into one projection, Granite scales its logits before the loss).
+The models are optimized one after another in one process with no Dynamo reset between them, as a user's
+notebook would: with Dynamo's default recompile limit, the second model's blocks ran eagerly (code shared by
+every model, transformers' decorator around a decoder layer's forward, ran out of compiled entries); fxopt
+raises the limit (fxopt/api.py, _room_to_recompile)."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fxopt
+from tests.models import COMMON, assert_same_training, batch, twin
+
+# model_type: passes that must match at least once (regional: one compiled block)
+EXPECT = {
+    "granite": ("lora", "swiglu", "rms_norm", "attention"),
+    "glm": ("lora", "swiglu", "rms_norm", "attention", "cross_entropy"),
+    "olmo2": ("lora", "swiglu", "rms_norm", "attention", "cross_entropy"),
+    "stablelm": ("lora", "swiglu", "attention", "cross_entropy"),
+    "phi": ("lora", "attention", "cross_entropy"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECT))
+def test_every_pass_on_an_unnamed_family(model_type):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, pad_token_id=0, **COMMON)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    assert_same_training(model, ref, batch(seq=24))
+    report = fxopt.report(model)
+    for name in EXPECT[model_type]:
+        assert report.matched(name), (name, report.records)
+
+
+def test_recompile_limit_raised_not_lowered(monkeypatch):
+    from fxopt.api import RECOMPILE_LIMIT
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(cfg, name, 8)
+    fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
+    assert getattr(cfg, name) == RECOMPILE_LIMIT
+    monkeypatch.setattr(cfg, name, 500)
+    fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
+    assert getattr(cfg, name) == 500
