@@ -163,6 +163,8 @@ def _rewrite(gm, m):
         op = g.call_function(torch.ops.fxopt.flash_attention.default,
                              (m["q"], m["k"], m["v"], m["scale"], m["causal"], 0, 0.0, None, m["mask"]))
         out = g.call_function(operator.getitem, (op, 0))
+    # the passes after this one read shapes and dtypes from node metadata: the output is SDPA's value
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "nn_module_stack")})
     node.replace_all_uses_with(out)
     g.erase_node(node)
     for r in m["repeats"]:  # repeat_kv's reshape <- expand <- indexing, now read by nothing

@@ -77,6 +77,8 @@ def _rewrite(gm, m):
         new = g.call_function(torch.ops.fxopt.swiglu_lora_linear.default,
                               (m["g"], m["u"], m["w"], m["b"], m["a"], m["bm"], m["s"]))
         out = g.call_function(operator.getitem, (new, 0))
+    # the passes after this one read shapes and dtypes from node metadata: the output is the old one's value
+    out.meta.update({k: v for k, v in m["users"][0].meta.items() if k in ("example_value", "val", "nn_module_stack")})
     for user in m["users"]:
         user.replace_all_uses_with(out)
         g.erase_node(user)
