@@ -12,6 +12,13 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The property tests draw the same examples every run (CI must not turn red on a draw nobody saw before);
+# FXOPT_HYPOTHESIS_RANDOM=1 explores new ones (a failure found that way is pinned by a test of its own).
+settings.register_profile("fxopt-fixed", derandomize=True, deadline=None)
+settings.register_profile("fxopt-explore", derandomize=False, deadline=None)
+settings.load_profile("fxopt-explore" if os.environ.get("FXOPT_HYPOTHESIS_RANDOM") else "fxopt-fixed")
 
 
 def pytest_collection_modifyitems(config, items):
