@@ -34,6 +34,18 @@ def tiny_lora_model(family="llama", dtype=torch.float32, seed=0, attn="sdpa", **
     return model
 
 
+def with_lora(model, target_modules=TARGETS, **lora):
+    """`model` under PEFT LoRA (r=4, alpha 8, no dropout unless given), lora_B randomised as tiny_lora_model does."""
+    opts = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules)
+    opts.update(lora)
+    model = get_peft_model(model, LoraConfig(**opts))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def twin(model):
     """An independent copy to run unoptimized beside the optimized one."""
     return copy.deepcopy(model)

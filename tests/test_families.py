@@ -8,11 +8,10 @@ every model, transformers' decorator around a decoder layer's forward, ran out o
 raises the limit (fxopt/api.py, _room_to_recompile)."""
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxopt
-from tests.models import COMMON, assert_same_training, batch, twin
+from tests.models import COMMON, assert_same_training, batch, twin, with_lora
 
 # model_type: passes that must match at least once (regional: one compiled block)
 EXPECT = {
@@ -29,11 +28,7 @@ def test_every_pass_on_an_unnamed_family(model_type):
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, pad_token_id=0, **COMMON)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = with_lora(model, target_modules="all-linear")
     ref = twin(model)
     fxopt.optimize(model, inner_backend="aot_eager")
     assert_same_training(model, ref, batch(seq=24))
@@ -44,14 +39,15 @@ def test_every_pass_on_an_unnamed_family(model_type):
         assert not report.rejected("rms_norm"), report.rejected("rms_norm")  # want of the new node's metadata
 
 
-def test_recompile_limit_raised_not_lowered(monkeypatch):
+def test_recompile_limit_raised_not_lowered():
     from fxopt.api import RECOMPILE_LIMIT
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(cfg, name, 8)
-    fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
-    assert getattr(cfg, name) == RECOMPILE_LIMIT
-    monkeypatch.setattr(cfg, name, 500)
-    fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
-    assert getattr(cfg, name) == 500
+    # config.patch restores the value (pytest's monkeypatch would delete the config entry on undo)
+    with cfg.patch(**{name: 8}):
+        fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
+        assert getattr(cfg, name) == RECOMPILE_LIMIT
+    with cfg.patch(**{name: 500}):
+        fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
+        assert getattr(cfg, name) == 500

@@ -183,6 +183,16 @@ if triton is not None:
         return lo, hi, full_lo, full_hi
 
     @triton.jit
+    def _row_key_range(SUMMARY, summary_row, n_strips, field_stride, m0, S, window, CAUSAL: tl.constexpr,
+                       WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The key blocks of query rows [m0, m0 + BLOCK_M) (forward and dQ): from the mask summary, or from the
+        causal / window bounds."""
+        if HAS_MASK:
+            return _mask_range(SUMMARY, summary_row, n_strips, field_stride, m0 // 16, S, BLOCK_M, BLOCK_M // 16,
+                               BLOCK_N)
+        return _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+
+    @triton.jit
     def _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk):
         """s [BLOCK_M queries, BLOCK_N keys] with the keys the mask hides (and out-of-range ones) at -inf."""
         ptrs = MASK + offs_m.to(tl.int64)[:, None] * stride_mq + offs_n.to(tl.int64)[None, :] * stride_mk
@@ -250,11 +260,8 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if HAS_MASK:
-            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0 // 16, S,
-                                                   BLOCK_M, BLOCK_M // 16, BLOCK_N)
-        else:
-            lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        lo, hi, full_lo, full_hi = _row_key_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0, S, window,
+                                                  CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
         if WINDOW or HAS_MASK:
             acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, full_lo, S, window,
                                         stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
@@ -351,11 +358,8 @@ if triton is not None:
         lse2 = tl.load(LSE + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if HAS_MASK:
-            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0 // 16, S,
-                                                   BLOCK_M, BLOCK_M // 16, BLOCK_N)
-        else:
-            lo, hi, full_lo, full_hi = _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        lo, hi, full_lo, full_hi = _row_key_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0, S, window,
+                                                  CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
         if WINDOW or HAS_MASK:
             dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, full_lo, S, window, stride_ks,
                             stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,

@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config
 
 import fxopt
@@ -16,7 +15,7 @@ from tests.kernels.numerics import rel
 from tests.kernels.test_attention import make_mask
 from tests.models import (
     COMMON, TARGETS, assert_no_less_accurate, assert_no_recompile, assert_same_training, batch, rel_err,
-    tiny_lora_model, twin)
+    tiny_lora_model, twin, with_lora)
 
 torch._dynamo.config.cache_size_limit = 64
 LAYERS = COMMON["num_hidden_layers"]
@@ -36,13 +35,7 @@ def model_of(family, dtype=torch.float32, attn="sdpa", **cfg):
     for k, v in cfg.items():
         setattr(config, k, v)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else TARGETS
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+    return with_lora(model, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else TARGETS)
 
 
 def padded_batch(seq=40, left=True):
