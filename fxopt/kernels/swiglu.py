@@ -168,10 +168,16 @@ def _backward(ctx, grad_out, grad_t):
 swiglu_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference(g, u, weight, bias, lora_a, lora_b, scaling) -> Tensor:
-    """The op's math in plain PyTorch (differentiable): h in fp32 rounded to g's dtype, then PEFT's LoRA."""
-    h = (torch.nn.functional.silu(g.float()) * u.float()).to(g.dtype)
-    return _lora.reference(h, [weight], [bias], [lora_a], [lora_b], [scaling])[0]
+def reference(g, u, weight, bias, lora_a, lora_b, scaling, h_dtype=None, t_dtype=None) -> Tensor:
+    """The op's math in plain PyTorch (differentiable): h = silu(g) * u computed in at least fp32 and rounded
+    to g's dtype, then PEFT's LoRA (t = h A^T in the adapter's dtype). With float64 inputs (the tests' truth),
+    h_dtype / t_dtype apply those roundings as the op would for inputs of those dtypes."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    h = (torch.nn.functional.silu(g.to(acc)) * u.to(acc)).to(h_dtype or g.dtype).to(g.dtype)
+    out = torch.nn.functional.linear(h, weight, bias)
+    t = torch.nn.functional.linear(h.to(lora_a.dtype), lora_a).to(t_dtype or lora_a.dtype).to(lora_a.dtype)
+    adapter = torch.nn.functional.linear(t, lora_b) * scaling
+    return (out.to(torch.promote_types(out.dtype, adapter.dtype)) + adapter).to(g.dtype)
 
 
 def swiglu_lora_linear_fn(g, u, weight, bias, lora_a, lora_b, scaling) -> Tensor:

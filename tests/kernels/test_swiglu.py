@@ -43,10 +43,19 @@ def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguo
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     by_id = {id(t): r for t, r in zip(leaves, ref_leaves)}
     ref_args = [by_id.get(id(t), t.detach().double() if t is not None else None) for t in (gate, up, w, b, a, bm)]
-    ref = reference(*ref_args, scaling)
+    ref = reference(*ref_args, scaling, h_dtype=dtype, t_dtype=adapter_dtype)  # the op's two roundings
     tol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (M, N)
-    assert rel(out, ref) < tol, "output"
+    # an output that cancels (a bias against the sum, one output drawn) is known to any implementation in the
+    # dtype only relative to the terms it sums: their size, 10% of it, is the floor under ||ref|| (as the
+    # attention tests do); where nothing cancels, ||ref|| is far above it and the floor changes nothing
+    with torch.no_grad():
+        g64, u64, w64, a64, bm64 = (t.detach().double() for t in (gate, up, w, a, bm))
+        h = (torch.nn.functional.silu(g64) * u64).abs()
+        terms = h @ w64.abs().t() + scaling * (h @ a64.abs().t()) @ bm64.abs().t()
+        if b is not None:
+            terms = terms + b.detach().double().abs()
+    assert rel(out, ref, 0.1 * terms.norm().item()) < tol, "output"
     dy = torch.randn(out.shape, generator=g).to(device=device, dtype=dtype)
     got = torch.autograd.grad(out, leaves, dy)
     want = torch.autograd.grad(ref, ref_leaves, dy.double())
