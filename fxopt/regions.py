@@ -41,13 +41,12 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
                                         recursive=False)
         compiled = torch.compile(inner.__get__(block) if wraps_checkpoint else block.forward, backend=backend,
                                  dynamic=dynamic)
-        block.forward = torch._dynamo.disable(_forward(block, regular, compiled, wraps_checkpoint),
+        block.forward = torch._dynamo.disable(_forward(block, regular, compiled, wraps_checkpoint, memory),
                                               recursive=False)
         block._fxopt_compiled = True
-        block._fxopt_memory = memory  # read by the forward and by backend.no_cudagraphs_reason
 
 
-def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
+def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, memory: str):
     """The block's forward. Not checkpointing: `regular`, `torch._dynamo.disable(torch.compile(forward),
     recursive=False)`, which is the block's own forward with its frame skipped: the outer model's compile
     then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient
@@ -64,7 +63,7 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool):
         with _no_ddp_split():
             training = block.training and torch.is_grad_enabled()
             checkpointing = getattr(block, "gradient_checkpointing", False) and training
-            policy = block._fxopt_memory if training else "none"
+            policy = memory if training else "none"
             if checkpointing:  # HF's own checkpointing is the recompute policy already
                 if wraps_checkpoint:
                     return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs),

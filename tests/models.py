@@ -21,21 +21,13 @@ FAMILIES = {
 
 def tiny_lora_model(family="llama", dtype=torch.float32, seed=0, attn="sdpa", **lora):
     torch.manual_seed(seed)
-    cfg = FAMILIES[family]()
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
-    opts = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-    opts.update(lora)
-    model = get_peft_model(model, LoraConfig(**opts))
-    # PEFT initialises B to zero, which would make every adapter gradient but B's vanish: randomise it
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attn, dtype=dtype)
+    return with_lora(model, **lora)
 
 
 def with_lora(model, target_modules=TARGETS, **lora):
-    """`model` under PEFT LoRA (r=4, alpha 8, no dropout unless given), lora_B randomised as tiny_lora_model does."""
+    """`model` under PEFT LoRA (r=4, alpha 8, no dropout unless given). PEFT initialises B to zero, which would
+    make every adapter gradient but B's vanish: B is randomised."""
     opts = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules)
     opts.update(lora)
     model = get_peft_model(model, LoraConfig(**opts))

@@ -60,7 +60,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, on_device, tanh, use_triton, with_fallback
+from fxopt.kernels.common import (interpreted, kernel_scope, launch, new_output, on_device, tanh, use_triton,
+                                  with_fallback)
 
 _INTERPRETED = False
 LOG2E = 1.4426950408889634
@@ -648,7 +649,7 @@ def _summarise(mask: Tensor) -> Tensor:
     T = triton.cdiv(S, 16)
     out = torch.empty((8, Bm, T), dtype=torch.int32, device=mask.device)
     m = mask.view(torch.uint8)
-    with on_device(mask.device):
+    with kernel_scope(_summary_kernel, mask.device):
         for first, (sr, sc) in ((0, (m.stride(2), m.stride(3))), (4, (m.stride(3), m.stride(2)))):
             _summary_kernel[(T, Bm)](m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T,
                                      TILES=4 if _INTERPRETED else 16)
@@ -686,15 +687,16 @@ def _mask_summary(mask: Tensor) -> Tensor:
 
 
 def _mask_args(mask: Optional[Tensor], fallback: Tensor):
-    """(mask as uint8, its batch / query / key strides, summary, its batch stride, field stride, strips)."""
+    """(mask as uint8, summary, (the mask's batch / query / key strides, the summary's batch stride, field
+    stride, strips)): the kernels' MASK, SUMMARY and stride arguments."""
     if mask is None:
-        return fallback, 0, 0, 0, fallback, 0, 0, 0
+        return fallback, fallback, (0,) * 6
     if mask.shape[0] > 1 and mask.stride(0) == 0:  # one mask expanded over the batch: summarise it once
         mask = mask[:1]
     summary = _summarise(mask)
     m = mask.view(torch.uint8)
     Bm, T = summary.shape[1], summary.shape[2]
-    return (m, m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), summary, T if Bm > 1 else 0, Bm * T, T)
+    return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), T if Bm > 1 else 0, Bm * T, T)
 
 
 def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
@@ -808,8 +810,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
     if B * Hq * S * D == 0:
         return out, lse
     pad, spb, sps = _pad_args(key_padding, lse)
-    m, *mask_strides = _mask_args(mask, lse)
-    summary = mask_strides.pop(3)
+    m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)
     args = (q, k, v, pad, m, summary, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, sps,
             *mask_strides, Hq, S, Hq // k.shape[1], min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window))
@@ -856,8 +857,7 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
             out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out), HEAD_DIM=D,
             BLOCK_D=flags["BLOCK_D"], BLOCK_M=block)
     pad, spb, sps = _pad_args(key_padding, lse)
-    m, *mask_strides = _mask_args(mask, lse)
-    summary = mask_strides.pop(3)
+    m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)
     common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window), float(scale))
 

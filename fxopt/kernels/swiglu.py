@@ -27,7 +27,7 @@ except ImportError:  # no Triton: the torch math
     triton = None
 
 from fxopt.kernels import lora as _lora
-from fxopt.kernels.common import interpreted, new_output, on_device, use_triton, with_fallback
+from fxopt.kernels.common import interpreted, kernel_scope, new_output, use_triton, with_fallback
 
 _INTERPRETED = False
 BLOCK = 1024
@@ -83,7 +83,7 @@ def swiglu(g: Tensor, u: Tensor) -> Tensor:
         h.copy_(torch.nn.functional.silu(gf) * u.float())
         return h
     g, u = g.contiguous(), u.contiguous()
-    with on_device(g.device):
+    with kernel_scope(_swiglu_kernel, g.device):
         _swiglu_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=BLOCK)
     return h
 
@@ -108,7 +108,7 @@ def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         dg.copy_(dhf * uf * sig * (1 + gf * (1 - sig)))
         return dg, du
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    with on_device(g.device):
+    with kernel_scope(_swiglu_backward_kernel, g.device):
         _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dg, du, g.numel(), BLOCK=BLOCK)
     return dg, du
 

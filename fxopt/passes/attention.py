@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.kernels import attention as _kernel
-from fxopt.passes.graph_utils import Reject, is_call, is_method, module_path, static_int, value
+from fxopt.passes.graph_utils import FLOATS, Reject, is_call, is_method, module_path, static_int, value
 from fxopt.report import MatchRecord
 
 NAME = "attention"
@@ -36,7 +36,6 @@ DESCRIPTION = "scaled_dot_product_attention (+ repeat_kv, any bool mask) -> fxop
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
                 torch.ops.aten.scaled_dot_product_attention.default)
 SDPA_ARGS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fp32_left_to_sdpa(q) -> bool:
@@ -94,7 +93,7 @@ def _match(node, ctx) -> dict:
         raise Reject("the scale is not a constant")
     if vq.dim() != 4 or vk.dim() != 4 or vv.dim() != 4:
         raise Reject("q, k, v are not [B, H, S, D]")
-    if vq.dtype not in DTYPES or not (vq.dtype == vk.dtype == vv.dtype):
+    if vq.dtype not in FLOATS or not (vq.dtype == vk.dtype == vv.dtype):
         raise Reject(f"dtypes {vq.dtype}/{vk.dtype}/{vv.dtype}: the kernels take one of fp16, bf16, fp32")
     if fp32_left_to_sdpa(vq):
         raise Reject("float32 attention on CUDA is left to SDPA: the fp32 kernels (exact fp32 products, no TF32) "
