@@ -71,7 +71,8 @@ TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_t
 TINY_BATCH, TINY_SEQ = 2, 32
 
 NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pass disabled
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS
+MEMORY_SETUPS = ["fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
+SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + MEMORY_SETUPS
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -205,8 +206,10 @@ def worker(args, res: dict) -> None:
         import fxopt
 
         # fxopt_no_<pass>: what that pass adds, measured beside fxopt
-        off = {"disable": (args.setup[len("fxopt_no_"):],)} if args.setup in NO_PASS_SETUPS else {}
-        model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **off)
+        extra = {"disable": (args.setup[len("fxopt_no_"):],)} if args.setup in NO_PASS_SETUPS else {}
+        if args.setup in MEMORY_SETUPS:  # fxopt_<policy>: the memory policy's cost and saving
+            extra = {"memory": args.setup[len("fxopt_"):]}
+        model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **extra)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["experts_implementation"] = getattr(cfg, "_experts_implementation", None)
