@@ -42,7 +42,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     backend = make_backend(config, report, model)
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
-        compile_blocks(found[1], backend, config.dynamic, config.memory)
+        compile_blocks(found[1], backend, config.dynamic, config.memory, in_graph=config.inner_backend == "inductor")
     elif config.memory != "none":
         import warnings
 

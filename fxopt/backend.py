@@ -40,13 +40,18 @@ class PassContext:
         return name
 
 
-def _inner(name: str, cudagraphs: bool = False):
+def _inner(name: str, cudagraphs: bool = False, recompute: bool = False):
+    """The inner backend. `recompute` (Inductor only): the graph's backward recomputes its forward
+    (fxopt.recompute), so it saves only its inputs."""
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        if cudagraphs:
-            return functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
-        return compile_fx
+        patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        if recompute:
+            from fxopt.recompute import RecomputeForward
+
+            patches["joint_custom_pre_pass"] = RecomputeForward()
+        return functools.partial(compile_fx, config_patches=patches) if patches else compile_fx
     return torch._dynamo.lookup_backend(name)
 
 
@@ -114,8 +119,9 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             report.note(note)
         records = run_passes(gm, config, ctx) if supported else []
         report.graphs.append(graph_name)
-        if report.blocks is not None and any(
-                n and n.startswith(report.blocks[0] + ".") for n in ctx.tensor_names.values()):
+        block_graph = report.blocks is not None and any(
+            n and n.startswith(report.blocks[0] + ".") for n in ctx.tensor_names.values())
+        if block_graph:
             report.block_graphs += 1  # a graph of the repeated block (its parameters are inputs)
         report.add(records)
         if dump_dir:
@@ -127,27 +133,25 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             print(sub.to_markdown())
         cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         cudagraphs = config.cudagraphs and cuda
-        why = cudagraphs and no_cudagraphs_reason(model, config.memory)
+        why = cudagraphs and no_cudagraphs_reason(model)
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        return _inner(config.inner_backend, cudagraphs)(gm, example_inputs)
+        return _inner(config.inner_backend, cudagraphs, block_graph and config.memory != "none")(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile
 
 
-def no_cudagraphs_reason(model, memory: str = "none") -> str | None:
-    """Why `model`'s graphs must not be CUDA graphs, or None.
-    - A memory policy (OptimizeConfig.memory) other than "none": the blocks are recomputed, as below.
+def no_cudagraphs_reason(model) -> str | None:
+    """Why `model`'s graphs must not be CUDA graphs, or None. (fxopt's own memory policies recompute inside
+    the compiled graph, which CUDA graphs replay like any other.)
     - HF gradient checkpointing active (a training-mode module with it enabled): the blocks' compiled code runs
       inside torch.utils.checkpoint and again in the backward recompute, reading the outer graphs' outputs (the
       rotary embedding) after later replays reused their memory; on the H200 the recompute failed ("accessing
       tensor output of CUDAGraphs that has been overwritten").
     - FSDP2 (fully_shard): it allocates new unsharded parameters every step, which CUDA graphs must copy in or
       re-record; on 2 x H100 fxopt with CUDA graphs ran at 3.8k tokens/s per GPU (torch.compile: 45k)."""
-    if memory != "none":
-        return f"memory={memory!r} recomputes the blocks (the recompute reads outputs that replays overwrite)"
     if model is None:
         return None
     try:

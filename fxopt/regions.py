@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from fxopt.offload import Offloader
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     best, best_size = None, 0
@@ -31,7 +33,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
-def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none") -> None:
+def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none", in_graph: bool = False) -> None:
+    """`in_graph`: the backend recomputes the blocks inside their compiled graphs (fxopt.recompute; Inductor
+    only), so the memory policies run the regular path, without torch.utils.checkpoint."""
+    # In the graph (Inductor): recompute is the regular path (the backend tags the block graphs), offload adds
+    # saved-tensor hooks around it; one Offloader per model orders the blocks' saves for the prefetch.
+    offloader = Offloader() if in_graph and memory == "offload" else None
+    checkpointed = None if in_graph or memory == "none" else _recompute if memory == "recompute" else _offloaded
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):
             continue
@@ -41,12 +49,12 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
                                         recursive=False)
         compiled = torch.compile(inner.__get__(block) if wraps_checkpoint else block.forward, backend=backend,
                                  dynamic=dynamic)
-        block.forward = torch._dynamo.disable(_forward(block, regular, compiled, wraps_checkpoint, memory),
-                                              recursive=False)
+        block.forward = torch._dynamo.disable(
+            _forward(block, regular, compiled, wraps_checkpoint, checkpointed, offloader), recursive=False)
         block._fxopt_compiled = True
 
 
-def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, memory: str):
+def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed, offloader):
     """The block's forward. Not checkpointing: `regular`, `torch._dynamo.disable(torch.compile(forward),
     recursive=False)`, which is the block's own forward with its frame skipped: the outer model's compile
     then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient
@@ -63,16 +71,16 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, memory
         with _no_ddp_split():
             training = block.training and torch.is_grad_enabled()
             checkpointing = getattr(block, "gradient_checkpointing", False) and training
-            policy = memory if training else "none"
             if checkpointing:  # HF's own checkpointing is the recompute policy already
                 if wraps_checkpoint:
                     return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs),
                                      *args)
                 return compiled(*args, **kwargs)
-            if policy == "recompute":
-                return _untraced(_recompute, functools.partial(compiled, **kwargs), *args)
-            if policy == "offload":
-                return _untraced(_offloaded, functools.partial(compiled, **kwargs), kwargs, *args)
+            if checkpointed is not None and training:  # a memory policy without the recompute in the graph
+                return _untraced(checkpointed, functools.partial(compiled, **kwargs), kwargs, *args)
+            if offloader is not None and training:
+                with offloader.hooks(args, kwargs):
+                    return regular(*args, **kwargs)
             return regular(*args, **kwargs)
 
     return forward
@@ -88,20 +96,21 @@ def _no_ddp_split():
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
-def _recompute(run, *args):
-    """memory="recompute": torch's non-reentrant activation checkpointing around the compiled block."""
+def _recompute(run, kwargs, *args):
+    """memory="recompute" without the recompute in the graph (an inner backend other than Inductor): torch's
+    non-reentrant activation checkpointing around the compiled block."""
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def _offloaded(run, kwargs, *args):
-    """memory="offload": the reentrant checkpoint saves exactly the block's tensor inputs (the hidden states)
-    with save_for_backward, and save_on_cpu moves what is saved to CPU memory (pinned, so the copies back are
+    """memory="offload" without the recompute in the graph (an inner backend other than Inductor): the
+    reentrant checkpoint saves exactly the block's tensor inputs (the hidden states) with save_for_backward, and save_on_cpu moves what is saved to CPU memory (pinned, so the copies back are
     fast) until the backward needs it; the block's activations are recomputed there. Reentrant checkpointing
     only backpropagates if an input requires grad: with a frozen embedding the first block's hidden states do
     not, so they are given a detached copy that does (its gradient goes nowhere, as before). Keyword tensors
     that require grad would get no gradient through a reentrant checkpoint: such a call is only recomputed."""
     if any(isinstance(v, torch.Tensor) and v.requires_grad for v in kwargs.values()):
-        return _recompute(run, *args)
+        return _recompute(run, kwargs, *args)
     tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     if tensors and not any(args[i].requires_grad for i in tensors) and args[tensors[0]].is_floating_point():
         args = list(args)
