@@ -45,19 +45,32 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
             continue
         inner = getattr(type(block).forward, "__wrapped__", None)
         wraps_checkpoint = inner is not None and hasattr(block, "gradient_checkpointing")
-        regular = torch._dynamo.disable(torch.compile(block.forward, backend=backend, dynamic=dynamic),
-                                        recursive=False)
-        compiled = torch.compile(inner.__get__(block) if wraps_checkpoint else block.forward, backend=backend,
-                                 dynamic=dynamic)
+        plain = inner.__get__(block) if wraps_checkpoint else block.forward
+        regular = torch._dynamo.disable(_caller(plain), recursive=False)
+        compiled = torch.compile(plain, backend=backend, dynamic=dynamic)
         block.forward = torch._dynamo.disable(
             _forward(block, regular, compiled, wraps_checkpoint, checkpointed, offloader), recursive=False)
         block._fxopt_compiled = True
 
 
+def _caller(forward):
+    """A frame that only calls the block's forward. `regular` skips this frame (torch._dynamo.disable with
+    recursive=False skips the frames of the function's own code), so the outer model's compile traces the
+    forward's frame it calls: the whole block becomes one graph, residual adds included. Skipping the
+    forward's own frame instead would compile each submodule it calls as its own graph (4 per decoder layer,
+    residual adds run eagerly between them): the forward's code is shared by every block, so one compiled
+    graph serves all of them either way."""
+
+    def call(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return call
+
+
 def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed, offloader):
-    """The block's forward. Not checkpointing: `regular`, `torch._dynamo.disable(torch.compile(forward),
-    recursive=False)`, which is the block's own forward with its frame skipped: the outer model's compile
-    then compiles the frames it calls (the measured path, CUDA graphs included). Under HF gradient
+    """The block's forward. Not checkpointing: `regular`, the block's forward called from a skipped frame
+    (see _caller): the outer model's compile compiles it as one graph (the measured path, CUDA graphs
+    included). Under HF gradient
     checkpointing that does not work: torch.utils.checkpoint disables Dynamo for everything it calls, so
     those frames would run eagerly. There
     the block calls `compiled`, which sets up its own compilation and runs compiled inside the checkpoint:
