@@ -133,25 +133,28 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             print(sub.to_markdown())
         cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         cudagraphs = config.cudagraphs and cuda
-        why = cudagraphs and no_cudagraphs_reason(model)
+        why = cudagraphs and no_cudagraphs_reason(model, config.memory)
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        return _inner(config.inner_backend, cudagraphs, block_graph and config.memory != "none")(gm, example_inputs)
+        return _inner(config.inner_backend, cudagraphs, block_graph and config.memory == "recompute")(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile
 
 
-def no_cudagraphs_reason(model) -> str | None:
-    """Why `model`'s graphs must not be CUDA graphs, or None. (fxopt's own memory policies recompute inside
-    the compiled graph, which CUDA graphs replay like any other.)
+def no_cudagraphs_reason(model, memory: str = "none") -> str | None:
+    """Why `model`'s graphs must not be CUDA graphs, or None.
+    - memory="offload": the blocks run their own compilation inside torch.utils.checkpoint, as below.
+      (memory="recompute" recomputes inside the compiled graph, which CUDA graphs replay like any other.)
     - HF gradient checkpointing active (a training-mode module with it enabled): the blocks' compiled code runs
       inside torch.utils.checkpoint and again in the backward recompute, reading the outer graphs' outputs (the
       rotary embedding) after later replays reused their memory; on the H200 the recompute failed ("accessing
       tensor output of CUDAGraphs that has been overwritten").
     - FSDP2 (fully_shard): it allocates new unsharded parameters every step, which CUDA graphs must copy in or
       re-record; on 2 x H100 fxopt with CUDA graphs ran at 3.8k tokens/s per GPU (torch.compile: 45k)."""
+    if memory == "offload":
+        return "memory='offload' checkpoints the blocks (the recompute reads outputs that replays overwrite)"
     if model is None:
         return None
     try:

@@ -17,8 +17,6 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from fxopt.offload import Offloader
-
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     best, best_size = None, 0
@@ -35,11 +33,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none", in_graph: bool = False) -> None:
     """`in_graph`: the backend recomputes the blocks inside their compiled graphs (fxopt.recompute; Inductor
-    only), so the memory policies run the regular path, without torch.utils.checkpoint."""
-    # In the graph (Inductor): recompute is the regular path (the backend tags the block graphs), offload adds
-    # saved-tensor hooks around it; one Offloader per model orders the blocks' saves for the prefetch.
-    offloader = Offloader() if in_graph and memory == "offload" else None
-    checkpointed = None if in_graph or memory == "none" else _recompute if memory == "recompute" else _offloaded
+    only), so memory="recompute" runs the regular path, without torch.utils.checkpoint."""
+    checkpointed = {"none": None, "recompute": None if in_graph else _recompute, "offload": _offloaded}[memory]
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):
             continue
@@ -49,7 +44,7 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
         regular = torch._dynamo.disable(_caller(plain), recursive=False)
         compiled = torch.compile(plain, backend=backend, dynamic=dynamic)
         block.forward = torch._dynamo.disable(
-            _forward(block, regular, compiled, wraps_checkpoint, checkpointed, offloader), recursive=False)
+            _forward(block, regular, compiled, wraps_checkpoint, checkpointed), recursive=False)
         block._fxopt_compiled = True
 
 
@@ -67,7 +62,7 @@ def _caller(forward):
     return call
 
 
-def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed, offloader):
+def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed):
     """The block's forward. Not checkpointing: `regular`, the block's forward called from a skipped frame
     (see _caller): the outer model's compile compiles it as one graph (the measured path, CUDA graphs
     included). Under HF gradient
@@ -89,11 +84,8 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkp
                     return _untraced(block._gradient_checkpointing_func, functools.partial(compiled, **kwargs),
                                      *args)
                 return compiled(*args, **kwargs)
-            if checkpointed is not None and training:  # a memory policy without the recompute in the graph
+            if checkpointed is not None and training:  # a memory policy by torch.utils.checkpoint
                 return _untraced(checkpointed, functools.partial(compiled, **kwargs), kwargs, *args)
-            if offloader is not None and training:
-                with offloader.hooks(args, kwargs):
-                    return regular(*args, **kwargs)
             return regular(*args, **kwargs)
 
     return forward
@@ -116,8 +108,8 @@ def _recompute(run, kwargs, *args):
 
 
 def _offloaded(run, kwargs, *args):
-    """memory="offload" without the recompute in the graph (an inner backend other than Inductor): the
-    reentrant checkpoint saves exactly the block's tensor inputs (the hidden states) with save_for_backward, and save_on_cpu moves what is saved to CPU memory (pinned, so the copies back are
+    """memory="offload": the reentrant checkpoint saves exactly the block's tensor inputs (the hidden states)
+    with save_for_backward, and save_on_cpu moves what is saved to CPU memory (pinned, so the copies back are
     fast) until the backward needs it; the block's activations are recomputed there. Reentrant checkpointing
     only backpropagates if an input requires grad: with a frozen embedding the first block's hidden states do
     not, so they are given a detached copy that does (its gradient goes nowhere, as before). Keyword tensors

@@ -1,15 +1,14 @@
 """The memory policy (OptimizeConfig.memory): "recompute" keeps only each block's inputs and recomputes its
-fused forward in the backward; "offload" also moves the blocks' hidden states to CPU memory until the
-backward. With Inductor the recompute is inside the compiled graph (fxopt.recompute) and CUDA graphs stay on;
-with another inner backend it is torch.utils.checkpoint around the compiled block. Both must train exactly as
-the unoptimized model (the first block's input does not require grad: frozen embeddings) and keep far fewer
-activations; bad values are refused with the option's name."""
+fused forward in the backward; "offload" also moves those inputs to CPU memory until the backward. With
+Inductor, "recompute" is inside the compiled graph (fxopt.recompute) and CUDA graphs stay on; otherwise (and
+for "offload") it is torch.utils.checkpoint around the compiled block, without CUDA graphs. Both must train
+exactly as the unoptimized model (the first block's input does not require grad: frozen embeddings) and keep
+far fewer activations; bad values are refused with the option's name."""
 import pytest
 import torch
 
 import fxopt
 from fxopt.backend import no_cudagraphs_reason
-from fxopt.offload import Offloader
 from fxopt.recompute import RecomputeForward
 from tests.models import assert_no_less_accurate, assert_same_training, batch, tiny_lora_model, twin
 
@@ -53,7 +52,11 @@ def test_trains_exactly_and_saves_less(memory, inner):
     assert_same_training(model, ref, batch(seq=32, seed=2))  # a second step: the recompute path again
     assert fxopt.report(model).matched("lora")
     assert saved_bytes(model, b) < 0.3 * saved_bytes(plain, b)
-    assert no_cudagraphs_reason(model) is None  # the policies keep CUDA graphs
+    if memory == "recompute":
+        assert no_cudagraphs_reason(model, memory) is None  # in the graph (or not CUDA graphs' concern)
+    else:
+        assert "offload" in no_cudagraphs_reason(model, memory)
+    assert no_cudagraphs_reason(plain, "none") is None
 
 
 def inductor(recompute: bool):
@@ -118,8 +121,8 @@ def test_recompute_pass_keeps_random_draws():
 @pytest.mark.gpu
 @pytest.mark.parametrize("memory", ["recompute", "offload"])
 def test_bf16_model_under_memory_policy_on_gpu(memory):
-    """On the GPU (Inductor, CUDA graphs, every pass): three training steps with the policy are as accurate
-    as the unoptimized bf16 model, and offload moved each block's hidden states to CPU memory."""
+    """On the GPU (Inductor, every pass; CUDA graphs under recompute): three training steps with the policy
+    are as accurate as the unoptimized bf16 model."""
     model = tiny_lora_model("llama", dtype=torch.bfloat16).cuda()
     eager, ref32 = twin(model), twin(model).float()
     fxopt.optimize(model, memory=memory)
@@ -129,25 +132,9 @@ def test_bf16_model_under_memory_policy_on_gpu(memory):
     assert fxopt.report(model).block_graphs > 0
 
 
-def test_offload_moves_the_block_inputs_to_cpu(monkeypatch):
-    """With Inductor: the blocks' saved hidden states, and nothing else, go through the Offloader."""
-    packed = []
-    real = Offloader._pack
-
-    def spy(self, t):
-        packed.append(tuple(t.shape))
-        return real(self, t)
-
-    monkeypatch.setattr(Offloader, "_pack", spy)
-    model = tiny_lora_model("llama")
-    fxopt.optimize(model, memory="offload", disable=OTHERS)
-    model(**batch(seq=32)).loss.backward()
-    assert packed == [(2, 32, 64)] * 2  # each of the two blocks' hidden states, once
-
-
-def test_offload_moves_the_block_inputs_to_cpu_without_inductor(monkeypatch):
-    """Another inner backend: what offload saves goes through save_on_cpu's pack hook (on a GPU: into pinned
-    CPU memory)."""
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+def test_offload_moves_the_block_inputs_to_cpu(monkeypatch, inner):
+    """What offload saves goes through save_on_cpu's pack hook (on a GPU: into pinned CPU memory)."""
     packed = []
     real = torch.autograd.graph.save_on_cpu
 
@@ -164,7 +151,7 @@ def test_offload_moves_the_block_inputs_to_cpu_without_inductor(monkeypatch):
 
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
     model = tiny_lora_model("llama")
-    fxopt.optimize(model, inner_backend="aot_eager", memory="offload", disable=OTHERS)
+    fxopt.optimize(model, inner_backend=inner, memory="offload", disable=OTHERS)
     model(**batch(seq=32)).loss.backward()
     assert packed and all(s == (2, 32, 64) for s in packed)  # the hidden states of each block, nothing else
 
