@@ -41,10 +41,11 @@ class OptimizeConfig:
                    read it after that, so read or clone it first. CUDA + Inductor only (ignored elsewhere).
     memory:        activation memory policy of the repeated decoder blocks in training (needs regional=True):
                    "none" (default: every block keeps what its backward needs; the fastest),
-                   "recompute": each block keeps only its inputs and recomputes its fused forward in the
-                   backward (activation checkpointing, as HF's gradient_checkpointing but for any model),
-                   "offload": as "recompute", and those inputs wait in (pinned) CPU memory until the backward.
-                   Both turn CUDA graphs off for the model (a recompute reads outputs that replays overwrite).
+                   "recompute": each block keeps only its inputs and its compiled backward recomputes the
+                   fused forward (activation checkpointing, as HF's gradient_checkpointing but for any model;
+                   inside the graph with Inductor, so CUDA graphs stay on),
+                   "offload": as "recompute", and those inputs wait in (pinned) CPU memory until the backward
+                   (torch.utils.checkpoint under save_on_cpu; CUDA graphs off for the model).
     """
 
     disable: tuple[str, ...] = field(default_factory=lambda: tuple(
