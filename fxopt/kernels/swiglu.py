@@ -8,8 +8,10 @@ Why: a LoRA down projection needs its input h for dA, and the gate needs g and u
 unfused step keeps g, u and h alive until the backward: on the dense workload (8192 tokens, intermediate 8192,
 bf16) that is 3 x 128 MiB per layer. Here the op saves g and u (which the gate's backward needs anyway) and
 t = h A^T, and recomputes h in the backward (one elementwise pass): 128 MiB per layer less.
-Backward: h recomputed; dh, dA, dB (and dW, db where they require grad) by fxopt::lora_linear_backward; then
-dg = dh * u * sig * (1 + g (1 - sig)), du = dh * silu(g) (sig = sigmoid(g)) in one elementwise kernel.
+Backward (one op, fxopt::swiglu_lora_linear_backward): h recomputed; dh, dA, dB (and dW, db where they require
+grad) by fxopt::lora_linear_backward; then dg = dh * u * sig * (1 + g (1 - sig)), du = dh * silu(g)
+(sig = sigmoid(g)) in one elementwise kernel that writes dg over dh and du over h, so the MLP's backward
+holds g, u and two more [tokens x intermediate] buffers instead of four.
 
 Elementwise kernels: Triton on CUDA (and in the interpreter on CPU, how CI tests them); torch math otherwise.
 """
@@ -148,21 +150,56 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _swiglu_grads(dh: Tensor, g: Tensor, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """(dg, du) of h = silu(g) * u. dh and h are the backward's own temporaries, read by nothing after this: the
+    kernel writes dg over dh and du over h (each element is read before it is written), so the MLP's backward
+    holds two [tokens x intermediate] buffers fewer."""
+    if not _use_triton(dh, g, u) or g.numel() == 0:
+        return swiglu_backward(dh, g, u)
+    g, u = g.contiguous(), u.contiguous()
+    with kernel_scope(_swiglu_backward_kernel, g.device):
+        _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dh, h, g.numel(), BLOCK=BLOCK)
+    return dh, h
+
+
+@torch.library.custom_op("fxopt::swiglu_lora_linear_backward", mutates_args=())
+@with_fallback
+def swiglu_lora_linear_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: Tensor, weight: Tensor,
+                                lora_a: Tensor, lora_b: Tensor, scaling: float, need_dw: bool,
+                                need_db: bool) -> list[Tensor]:
+    """[dg, du] + [dW if need_dw] + [db if need_db] + [dA, dB] of swiglu_lora_linear. h is recomputed here;
+    dh and h become dg and du (_swiglu_grads)."""
+    _check(g, u)
+    h = swiglu(g, u)  # recomputed: the reason the forward op exists
+    flat = _lora.lora_linear_backward([grad_out], h, None, t, [weight], [lora_a], [lora_b], [scaling], True,
+                                      [need_dw], [need_db])
+    dg, du = _swiglu_grads(flat[0].view(g.shape), g, u, h)
+    return [dg, du] + flat[1:]
+
+
+@swiglu_lora_linear_backward.register_fake
+def _(grad_out, g, u, t, weight, lora_a, lora_b, scaling, need_dw, need_db):
+    _check(g, u)
+    out = [torch.empty_like(g, memory_format=torch.contiguous_format),
+           torch.empty_like(u, memory_format=torch.contiguous_format)]
+    out += [torch.empty_like(weight)] if need_dw else []
+    out += [weight.new_empty(weight.shape[0])] if need_db else []
+    return out + [torch.empty_like(lora_a), torch.empty_like(lora_b)]
+
+
 def _backward(ctx, grad_out, grad_t):
     g, u, t, weight, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad  # (g, u, weight, bias, lora_a, lora_b, scaling)
     if grad_out is None:
         grad_out = torch.zeros(*g.shape[:-1], weight.shape[0], dtype=g.dtype, device=g.device)
-    h = swiglu(g, u)  # recomputed: the reason this op exists
     need_db = bool(need[3]) and ctx.has_bias
-    flat = iter(_lora.lora_linear_backward([grad_out], h, None, t, [weight], [lora_a], [lora_b], [ctx.scaling],
-                                           True, [bool(need[2])], [need_db]))
-    dh = next(flat)
+    flat = iter(swiglu_lora_linear_backward(grad_out, g, u, t, weight, lora_a, lora_b, ctx.scaling, bool(need[2]),
+                                            need_db))
+    dg, du = next(flat), next(flat)
     dw = next(flat) if need[2] else None
     db = next(flat) if need_db else None
     da, dbm = next(flat), next(flat)
-    dg, du = swiglu_backward(dh, g, u) if (need[0] or need[1]) else (None, None)
-    return dg, du, dw, db, da, dbm, None
+    return (dg if need[0] else None), (du if need[1] else None), dw, db, da, dbm, None
 
 
 swiglu_lora_linear.register_autograd(_backward, setup_context=_setup_context)
