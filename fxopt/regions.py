@@ -1,12 +1,13 @@
 """Regional compilation: compile the repeated decoder block once and reuse it for every block.
 
 The block is found generically: the nn.ModuleList with the most parameters whose children (two or more)
-share one class. The block's own forward frame is skipped by the outer trace
-(`torch._dynamo.disable(recursive=False)`): the outer model (embeddings, masks, final norm, head and loss) is
-compiled as its own graphs and breaks at each block call, the frames the block calls are compiled with the
-fxopt backend, and that code, compiled for the first block, is reused by the others (their parameters are
-graph inputs), so 16 blocks cost one compile. Under HF gradient checkpointing the block runs a compilation
-of its own instead (see _forward).
+share one class. Each block's forward is replaced by one that calls the block's (unwrapped) forward from a
+frame Dynamo skips (`torch._dynamo.disable(recursive=False)` on that caller): the outer model (embeddings,
+masks, final norm, head and loss) is compiled as its own graphs and breaks at each block call, the block's
+forward is compiled whole (residual adds included) with the fxopt backend, and that code, compiled for the
+first block, is reused by the others (their parameters are graph inputs), so 16 blocks cost one compile.
+Under HF gradient checkpointing, and under memory="offload", the block runs a compilation of its own inside
+torch.utils.checkpoint instead (see _forward).
 """
 from __future__ import annotations
 
@@ -64,16 +65,17 @@ def _caller(forward):
 
 def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed):
     """The block's forward. Not checkpointing: `regular`, the block's forward called from a skipped frame
-    (see _caller): the outer model's compile compiles it as one graph (the measured path, CUDA graphs
-    included). Under HF gradient
-    checkpointing that does not work: torch.utils.checkpoint disables Dynamo for everything it calls, so
-    those frames would run eagerly. There
-    the block calls `compiled`, which sets up its own compilation and runs compiled inside the checkpoint:
-    through the block's own checkpoint function when its class wraps forward in it (transformers 5.2x), or
-    directly when HF checkpoints around __call__ (transformers 5.17). The recompute in backward is HF's, over
-    the fused graph. Training forwards build no KV cache under fxopt (use_cache is off), which is what HF's
-    wrapper would otherwise strip. The backend compiles without CUDA graphs while checkpointing is on (see
-    backend.no_cudagraphs_reason)."""
+    (see _caller), which the outer model's compile compiles as one graph (the measured path, CUDA graphs
+    included; under memory="recompute" with Inductor, the backend makes that graph's backward recompute it).
+    Under HF gradient checkpointing that does not work: torch.utils.checkpoint disables Dynamo for everything
+    it calls, so those frames would run eagerly. There the block calls `compiled`, which sets up its own
+    compilation and runs compiled inside the checkpoint: through the block's own checkpoint function when its
+    class wraps forward in it (transformers 5.2x), or directly when HF checkpoints around __call__
+    (transformers 5.17). The recompute in backward is HF's, over the fused graph. `checkpointed` (a memory
+    policy without the in-graph recompute: "offload", or "recompute" with another inner backend) runs
+    `compiled` inside torch.utils.checkpoint the same way. Training forwards build no KV cache under fxopt
+    (use_cache is off), which is what HF's wrapper would otherwise strip. The backend compiles without CUDA
+    graphs while checkpointing is on (see backend.no_cudagraphs_reason)."""
 
     def forward(*args, **kwargs):
         with _no_ddp_split():
