@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from fxopt.backend import make_backend
 from fxopt.config import OptimizeConfig
+from fxopt.recompute import in_graph
 from fxopt.regions import compile_blocks, find_blocks
 from fxopt.report import Report
 
@@ -42,7 +43,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     backend = make_backend(config, report, model)
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
-        compile_blocks(found[1], backend, config.dynamic, config.memory, in_graph=config.inner_backend == "inductor")
+        compile_blocks(found[1], backend, config.dynamic, config.memory, in_graph(config))
     elif config.memory != "none":
         import warnings
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from fxopt.cache_key import FxoptVersion
 from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
 from fxopt.passes.canonicalize import canonicalize
+from fxopt.recompute import RecomputeForward, in_graph
 from fxopt.report import MatchRecord, Report
 
 _graph_ids = itertools.count()
@@ -41,17 +43,17 @@ class PassContext:
 
 
 def _inner(name: str, cudagraphs: bool = False, recompute: bool = False):
-    """The inner backend. `recompute` (Inductor only): the graph's backward recomputes its forward
-    (fxopt.recompute), so it saves only its inputs."""
+    """The inner backend. `recompute` (Inductor only, see recompute.in_graph): the graph's backward recomputes
+    its forward, so it saves only its inputs."""
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {"triton.cudagraphs": True} if cudagraphs else {}
+        patches = {"joint_custom_post_pass": FxoptVersion()}  # fxopt's code in the compile-cache key
+        if cudagraphs:
+            patches["triton.cudagraphs"] = True
         if recompute:
-            from fxopt.recompute import RecomputeForward
-
             patches["joint_custom_pre_pass"] = RecomputeForward()
-        return functools.partial(compile_fx, config_patches=patches) if patches else compile_fx
+        return functools.partial(compile_fx, config_patches=patches)
     return torch._dynamo.lookup_backend(name)
 
 
@@ -137,7 +139,7 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        return _inner(config.inner_backend, cudagraphs, block_graph and config.memory == "recompute")(gm, example_inputs)
+        return _inner(config.inner_backend, cudagraphs, block_graph and in_graph(config))(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile

@@ -7,7 +7,9 @@ saved (the hidden states; the weights are inputs anyway). Doing this in the part
 torch.utils.checkpoint around the compiled block keeps one compiled forward and one compiled backward, so
 CUDA graphs stay on and Inductor fuses the recompute with the backward that reads it.
 
-Not recomputed (saved instead): random ops, whose recompute would draw new numbers (dropout masks).
+Random ops (dropout) are recomputed too: for a seeded op it recomputes, the partitioner saves the forward's
+RNG state and replays it in the backward (run_and_save_rng_state / run_with_rng_state, graph-safe on CUDA),
+so the recompute draws the same numbers (tests/test_memory_policy.py checks a dropout mask).
 """
 from __future__ import annotations
 
@@ -33,42 +35,20 @@ def forward_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return out
 
 
-def _random(node: torch.fx.Node) -> bool:
-    """Draws random numbers: a seeded op, unless its only randomness is a dropout_p argument that is 0 (SDPA's
-    aten kernels are seeded ops; without dropout they are deterministic and can be recomputed)."""
-    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
-        return False
-    schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
-    if "dropout_p" not in names:
-        return True
-    i = names.index("dropout_p")
-    p = node.kwargs["dropout_p"] if "dropout_p" in node.kwargs else node.args[i] if i < len(node.args) else 0.0
-    return p != 0
-
-
-def _save(node: torch.fx.Node) -> None:
-    """Saved for the backward: the node, or, for an op with several outputs (a tuple cannot be saved), the
-    getitems that read it."""
-    if isinstance(node.meta.get("val"), (tuple, list)):
-        for user in node.users:
-            user.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-    else:
-        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-
-
 class RecomputeForward(CustomGraphPass):
     """Inductor's joint-graph pre-pass (config.joint_custom_pre_pass) that tags the forward for recompute."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        nodes = forward_nodes(graph)
-        for node in nodes:
+        for node in forward_nodes(graph):
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             node.meta["ac_graph_id"] = 0  # one region: no boundary inside it is saved
-        for node in nodes:  # after: a random op's getitems were tagged above
-            if _random(node):
-                node.meta.pop("recompute", None)
-                _save(node)
 
     def uuid(self):  # Inductor's caches key compiled graphs by this
-        return "fxopt.recompute.RecomputeForward.v1"
+        return "fxopt.recompute.RecomputeForward.v2"
+
+
+def in_graph(config) -> bool:
+    """Whether `config` (an OptimizeConfig) recomputes the blocks inside their compiled graphs: memory="recompute"
+    with Inductor, the only inner backend that runs joint-graph passes. Otherwise the blocks' recompute is
+    torch.utils.checkpoint (fxopt.regions)."""
+    return config.memory == "recompute" and config.inner_backend == "inductor"

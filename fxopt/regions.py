@@ -33,8 +33,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none", in_graph: bool = False) -> None:
-    """`in_graph`: the backend recomputes the blocks inside their compiled graphs (fxopt.recompute; Inductor
-    only), so memory="recompute" runs the regular path, without torch.utils.checkpoint."""
+    """`in_graph` (fxopt.recompute.in_graph): the backend recomputes the blocks inside their compiled graphs,
+    so memory="recompute" runs the regular path, without torch.utils.checkpoint."""
     checkpointed = {"none": None, "recompute": None if in_graph else _recompute, "offload": _offloaded}[memory]
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):

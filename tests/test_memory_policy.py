@@ -103,14 +103,13 @@ def test_recompute_pass_saves_only_the_inputs():
 
 
 def test_recompute_pass_keeps_random_draws():
-    """A dropout mask is saved, not drawn anew in the backward: the gradient matches the forward's mask."""
+    """A recomputed dropout draws the forward's numbers again (the partitioner replays the saved RNG state):
+    the gradient matches the mask the forward applied."""
     x = torch.randn(64, 32, requires_grad=True)
 
     def fn(x):
         return torch.nn.functional.dropout(x.sin(), p=0.5, training=True) * 3
 
-    saved = joint_saves(fn, x, recompute=True)
-    assert (64, 32) in saved and len(saved) >= 2  # the input and the mask (or the random draw)
     torch._dynamo.reset()
     out = torch.compile(fn, backend=inductor(True))(x)
     (g,) = torch.autograd.grad(out.sum(), x)

@@ -77,7 +77,7 @@ def _check(g: Tensor, u: Tensor):
 @torch.library.custom_op("fxopt::swiglu", mutates_args=())
 @with_fallback
 def swiglu(g: Tensor, u: Tensor) -> Tensor:
-    """h = silu(g) * u in fp32, rounded once to g's dtype (no autograd: used inside the fused op's backward)."""
+    """h = silu(g) * u in fp32, rounded once to g's dtype (no autograd: used inside the fused ops)."""
     _check(g, u)
     h = _new_output(g.shape, g.dtype, g.device)
     if not _use_triton(g, u) or g.numel() == 0:
@@ -96,13 +96,10 @@ def _(g, u):
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fxopt::swiglu_backward", mutates_args=())
-@with_fallback
-def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """(dg, du) of h = silu(g) * u, in g's dtype."""
+def swiglu_grads(dh: Tensor, g: Tensor, u: Tensor, dg: Tensor, du: Tensor) -> tuple[Tensor, Tensor]:
+    """(dg, du) of h = silu(g) * u, written into the given contiguous buffers of g's shape and dtype. dg may be
+    dh itself (each element is read before it is written); du must not alias dh."""
     _check(g, u)
-    dg = _new_output(g.shape, g.dtype, g.device)
-    du = _new_output(g.shape, g.dtype, g.device)
     if not _use_triton(dh, g, u) or g.numel() == 0:
         dhf, gf, uf = dh.float(), g.float(), u.float()
         sig = torch.sigmoid(gf)
@@ -113,13 +110,6 @@ def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     with kernel_scope(_swiglu_backward_kernel, g.device):
         _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dg, du, g.numel(), BLOCK=BLOCK)
     return dg, du
-
-
-@swiglu_backward.register_fake
-def _(dh, g, u):
-    _check(g, u)
-    return (torch.empty_like(g, memory_format=torch.contiguous_format),
-            torch.empty_like(g, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op("fxopt::swiglu_lora_linear", mutates_args=())
@@ -150,30 +140,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _swiglu_grads(dh: Tensor, g: Tensor, u: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """(dg, du) of h = silu(g) * u. dh and h are the backward's own temporaries, read by nothing after this: the
-    kernel writes dg over dh and du over h (each element is read before it is written), so the MLP's backward
-    holds two [tokens x intermediate] buffers fewer."""
-    if not _use_triton(dh, g, u) or g.numel() == 0:
-        return swiglu_backward(dh, g, u)
-    g, u = g.contiguous(), u.contiguous()
-    with kernel_scope(_swiglu_backward_kernel, g.device):
-        _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dh, h, g.numel(), BLOCK=BLOCK)
-    return dh, h
-
-
 @torch.library.custom_op("fxopt::swiglu_lora_linear_backward", mutates_args=())
 @with_fallback
 def swiglu_lora_linear_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: Tensor, weight: Tensor,
                                 lora_a: Tensor, lora_b: Tensor, scaling: float, need_dw: bool,
                                 need_db: bool) -> list[Tensor]:
-    """[dg, du] + [dW if need_dw] + [db if need_db] + [dA, dB] of swiglu_lora_linear. h is recomputed here;
-    dh and h become dg and du (_swiglu_grads)."""
+    """[dg, du] + [dW if need_dw] + [db if need_db] + [dA, dB] of swiglu_lora_linear. h is recomputed here.
+    dh and h are this op's own temporaries, read by nothing after swiglu_grads: dg is written over dh and du
+    over h, so the MLP's backward holds two [tokens x intermediate] buffers fewer."""
     _check(g, u)
     h = swiglu(g, u)  # recomputed: the reason the forward op exists
     flat = _lora.lora_linear_backward([grad_out], h, None, t, [weight], [lora_a], [lora_b], [scaling], True,
                                       [need_dw], [need_db])
-    dg, du = _swiglu_grads(flat[0].view(g.shape), g, u, h)
+    dh = flat[0].view(g.shape)
+    dg, du = swiglu_grads(dh, g, u, dh, h)
     return [dg, du] + flat[1:]
 
 
