@@ -291,7 +291,7 @@ def _profile_step(args, step, torch):
     key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     os.makedirs(args.profile, exist_ok=True)
     with open(os.path.join(args.profile, f"{args.workload}-{args.setup}-profile.txt"), "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90))
+        f.write(prof.key_averages().table(sort_by=key, row_limit=70, max_name_column_width=110))
 
 
 # ----------------------------------------------------------------------------------------------- driver

@@ -88,9 +88,26 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkp
                 return compiled(*args, **kwargs)
             if checkpointed is not None and training:  # a memory policy by torch.utils.checkpoint
                 return _untraced(checkpointed, functools.partial(compiled, **kwargs), kwargs, *args)
+            if training:
+                args = _hidden_requiring_grad(args)
             return regular(*args, **kwargs)
 
     return forward
+
+
+@torch._dynamo.disable  # called from a skipped frame: Dynamo would otherwise trace it as a frame of its own
+def _hidden_requiring_grad(args):
+    """Dynamo guards on whether an input requires grad. With a frozen embedding the first block's hidden
+    states do not and every later block's do, so the block graph was compiled twice (the longest part of the
+    first step). In training the first block gets a detached copy of its hidden states that requires grad:
+    one compile serves all blocks. The copy's gradient (one dX GEMM and a norm backward of block 0) goes
+    nowhere, which leaves every other gradient as it was."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        return args
+    hidden = args[0]
+    if hidden.requires_grad or not hidden.is_floating_point():
+        return args
+    return (hidden.detach().requires_grad_(), *args[1:])
 
 
 def _no_ddp_split():

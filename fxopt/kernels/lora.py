@@ -32,6 +32,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
+from fxopt.kernels import skinny_mm
 from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
 
 _INTERPRETED = False
@@ -173,22 +174,33 @@ def _has_out_dtype_mm(device_index: int) -> bool:
         return False
 
 
-def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a @ b in the adapter's dtype, where one operand is an activation (bf16 base model) and the other an
-    adapter-sized fp32 tensor (A, B, t = x A^T, u = dY B). PEFT computes this in fp32 after casting the
+def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """scale * a @ b in the adapter's dtype, where one operand is an activation (bf16 base model) and the other
+    an adapter-sized fp32 tensor (A, B, t = x A^T, u = dY B). PEFT computes this in fp32 after casting the
     activation to fp32, i.e. an fp32 (FFMA, no tensor core) GEMM plus a full fp32 copy of the activation.
-    On CUDA we split the small fp32 operand into bf16 hi + lo and run ONE bf16 tensor-core GEMM with an fp32
-    result (the activation is exact in bf16): same values to ~2^-17 relative, no copy of the activation."""
+    On CUDA the small fp32 operand is split into bf16 hi + lo and multiplied on tensor cores with an fp32
+    result (the activation is exact in bf16): same values to ~2^-17 relative, no copy of the activation. The
+    skinny_mm kernel does that in one launch (the split on the tile); torch ops, where it does not apply."""
     small_fp32 = {a.dtype, b.dtype} == {torch.bfloat16, torch.float32}
+    if dtype == torch.float32 and small_fp32 and a.dim() == 2 and b.dim() == 2:
+        if b.dtype == torch.float32 and skinny_mm.supported(a, b):
+            return skinny_mm.skinny_mm(a, b, scale)
+        if a.dtype == torch.float32 and skinny_mm.supported(b.t(), a.t()):  # (b^T a^T)^T, into [R, K] rows
+            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+            skinny_mm.skinny_mm(b.t(), a.t(), scale, out=out.t())
+            return out
     if a.is_cuda and dtype == torch.float32 and small_fp32 and _has_out_dtype_mm(a.device.index or 0):
         if a.dtype == torch.float32:
             hi, lo = _split_bf16(a)
             r = torch.mm(torch.cat([hi, lo], 0), b, out_dtype=torch.float32)
-            return r[:a.shape[0]] + r[a.shape[0]:]
-        hi, lo = _split_bf16(b)
-        r = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
-        return r[:, :b.shape[1]] + r[:, b.shape[1]:]
-    return a.to(dtype) @ b.to(dtype)
+            r = r[:a.shape[0]] + r[a.shape[0]:]
+        else:
+            hi, lo = _split_bf16(b)
+            r = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
+            r = r[:, :b.shape[1]] + r[:, b.shape[1]:]
+        return r if scale == 1.0 else scale * r
+    r = a.to(dtype) @ b.to(dtype)
+    return r if scale == 1.0 else scale * r
 
 
 def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
@@ -313,8 +325,8 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     d_as, d_bs = [], []
     for dy, u, a, s in zip(dys, us, lora_as, scalings):
         r = a.shape[0]
-        d_as.append((s * _adapter_mm(u.t(), xl, adt)).to(a.dtype))
-        d_bs.append((s * _adapter_mm(dy.t(), t[:, r0:r0 + r], adt)).to(a.dtype))
+        d_as.append(_adapter_mm(u.t(), xl, adt, s).to(a.dtype))
+        d_bs.append(_adapter_mm(dy.t(), t[:, r0:r0 + r], adt, s).to(a.dtype))
         r0 += r
     return result + d_as + d_bs
 

@@ -1,0 +1,86 @@
+"""skinny_mm (the LoRA adapter's products: half-precision activation times a small fp32 operand, fp32 result)
+against float64. On CPU the kernel runs in Triton's interpreter with fp16 (the hi/lo split into fp16) and fp32
+(exact products) activations; bf16, the dtype it serves (PEFT's fp32 adapters over a bf16 base), on the GPU.
+Shapes include odd sizes, one row, R from 1 to 256, transposed and sliced activations, outputs written through
+strides, and K long enough that the loop over K is split across programs. The output is poisoned with NaN
+first, so an element left unwritten fails."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxopt.kernels import skinny_mm as sk
+from tests.kernels.numerics import SPLIT_TOL, TOL, rel
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# the split carries ~16 bits of the fp32 operand in bf16 (SPLIT_TOL), ~22 bits in fp16 (below fp32's TOL)
+EXPECTED = {torch.float32: TOL[torch.float32], torch.float16: TOL[torch.float32], torch.bfloat16: SPLIT_TOL}
+
+
+def activation(m, k, dtype, layout, g):
+    if layout == "transposed":  # the adapter gradients read x^T and dY^T
+        return torch.randn(k, m, generator=g).to(DEVICE, dtype).t()
+    if layout == "sliced":
+        return torch.randn(m, k + 5, generator=g).to(DEVICE, dtype)[:, 2:k + 2]
+    return torch.randn(m, k, generator=g).to(DEVICE, dtype)
+
+
+def check(m, k, r, dtype, layout="contiguous", out_layout="rows", scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = activation(m, k, dtype, layout, g)
+    s = (torch.randn(k, r, generator=g) * 0.02).to(DEVICE)
+    assert sk.supported(x, s)
+    out = torch.full((m, r) if out_layout == "rows" else (r, m), float("nan"), device=DEVICE)
+    out = out if out_layout == "rows" else out.t()
+    got = sk.skinny_mm(x, s, scale, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    err = rel(got, sk.reference(x, s, scale))
+    assert err <= EXPECTED[dtype], (m, k, r, dtype, layout, err)
+    return err
+
+
+interpreted_dtypes = st.sampled_from([torch.float16, torch.float32])
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter cases; bf16 runs on the GPU below")
+@settings(max_examples=40)
+@given(m=st.integers(1, 70), k=st.integers(1, 90), r=st.integers(1, 64), dtype=interpreted_dtypes,
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]), out_layout=st.sampled_from(["rows", "cols"]),
+       scale=st.sampled_from([1.0, 0.5, 2.0]))
+def test_matches_float64(m, k, r, dtype, layout, out_layout, scale):
+    check(m, k, r, dtype, layout, out_layout, scale)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter cases")
+@pytest.mark.parametrize("r", [1, 16, 200, 256])
+def test_widths(r):
+    check(17, 40, r, torch.float16)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter cases")
+def test_split_k_sums_partials():
+    # K = 40 > BLOCK_K: the interpreter splits the K loop over two programs (see _splits); a partial that is
+    # dropped or counted twice is far outside the tolerance
+    assert sk._splits(1, 40, 16, torch.device("cpu")) == 2
+    check(5, 40, 3, torch.float32)
+
+
+def test_unsupported_operands_are_refused():
+    x = torch.randn(4, 8, device=DEVICE, dtype=torch.float16 if not CUDA else torch.bfloat16)
+    assert not sk.supported(x, torch.randn(8, sk.MAX_R + 1, device=DEVICE))  # too wide
+    assert not sk.supported(x, torch.randn(8, 4, device=DEVICE, dtype=torch.float16))  # S not fp32
+    assert not sk.supported(x.double(), torch.randn(8, 4, device=DEVICE))
+    if not CUDA:
+        assert not sk.supported(x.bfloat16(), torch.randn(8, 4))  # the interpreter's bf16 is wrong
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,r,layout", [
+    (8192, 2048, 48, "contiguous"),   # t = x A^T, q/k/v fused
+    (8192, 8192, 16, "contiguous"),   # u = dY B, gate
+    (2048, 8192, 16, "transposed"),   # dA^T = x^T u
+    (8192, 8192, 16, "transposed"),   # dB = dY^T t, gate
+    (1, 2048, 16, "contiguous"), (33, 4095, 7, "sliced"), (4095, 33, 256, "transposed"),
+])
+def test_bf16_gpu(m, k, r, layout):
+    check(m, k, r, torch.bfloat16, layout, scale=2.0)
