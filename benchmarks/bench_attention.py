@@ -33,6 +33,7 @@ CASES = {
     "B1 S8192 window 4096": (1, 8192, 32, 8, 64, 4096, 0.0),
 }
 DEFAULT = ["B4 S2048", "B1 S8192"]
+DTYPE = torch.bfloat16  # --dtype float32: the QLoRA recipe's fp32 attention
 
 
 def hf_causal_mask(q):
@@ -98,10 +99,10 @@ def bench_case(name, case, do_bench, dev="cuda"):
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def bshd(h):  # a projection's output viewed [B, S, H, D], transposed as HF does
-        return torch.randn(B, S, h, D, device=dev, generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(B, S, h, D, device=dev, generator=gen, dtype=DTYPE).transpose(1, 2)
 
     q, k, v = (bshd(h).requires_grad_() for h in (hq, hkv, hkv))
-    do = torch.randn(B, hq, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    do = torch.randn(B, hq, S, D, device=dev, generator=gen, dtype=DTYPE)
     leaves = [q, k, v]
     ref = reference_group(q, k, v, do, window, softcap, group)
     torch.cuda.empty_cache()
@@ -183,7 +184,11 @@ def main():
     p = parser(__doc__)
     p.add_argument("--cases", default="", help=f"comma-separated subset of {list(CASES)}, or 'all' "
                                                f"(default: {DEFAULT})")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="q, k, v dtype (float32: the QLoRA recipe's attention)")
     args = p.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     if not gpu_ready("bench_attention.py"):
         return
     from triton.testing import do_bench
@@ -204,7 +209,8 @@ def main():
         torch.cuda.empty_cache()
 
     env = environment()
-    write(args.out, "attention-kernel", args.tag, {"env": env, "ceiling_tflops": CEILING_TFLOPS, "rows": rows},
+    tag = args.tag if DTYPE == torch.bfloat16 else "-".join(filter(None, ["fp32", args.tag]))
+    write(args.out, "attention-kernel", tag, {"env": env, "ceiling_tflops": CEILING_TFLOPS, "rows": rows},
           table(rows, env["gpu"]))
 
 

@@ -45,7 +45,7 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
         regular = torch._dynamo.disable(_caller(plain), recursive=False)
         compiled = torch.compile(plain, backend=backend, dynamic=dynamic)
         block.forward = torch._dynamo.disable(
-            _forward(block, regular, compiled, wraps_checkpoint, checkpointed), recursive=False)
+            _forward(block, regular, compiled, wraps_checkpoint, checkpointed, memory == "none"), recursive=False)
         block._fxopt_compiled = True
 
 
@@ -63,7 +63,7 @@ def _caller(forward):
     return call
 
 
-def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed):
+def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkpointed, copy_first: bool):
     """The block's forward. Not checkpointing: `regular`, the block's forward called from a skipped frame
     (see _caller), which the outer model's compile compiles as one graph (the measured path, CUDA graphs
     included; under memory="recompute" with Inductor, the backend makes that graph's backward recompute it).
@@ -75,7 +75,8 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkp
     policy without the in-graph recompute: "offload", or "recompute" with another inner backend) runs
     `compiled` inside torch.utils.checkpoint the same way. Training forwards build no KV cache under fxopt
     (use_cache is off), which is what HF's wrapper would otherwise strip. The backend compiles without CUDA
-    graphs while checkpointing is on (see backend.no_cudagraphs_reason)."""
+    graphs while checkpointing is on (see backend.no_cudagraphs_reason). `copy_first` (memory="none" only: the
+    copy's 32 MB would count against a memory policy's peak): see _hidden_requiring_grad."""
 
     def forward(*args, **kwargs):
         with _no_ddp_split():
@@ -88,7 +89,7 @@ def _forward(block: nn.Module, regular, compiled, wraps_checkpoint: bool, checkp
                 return compiled(*args, **kwargs)
             if checkpointed is not None and training:  # a memory policy by torch.utils.checkpoint
                 return _untraced(checkpointed, functools.partial(compiled, **kwargs), kwargs, *args)
-            if training:
+            if training and copy_first:
                 args = _hidden_requiring_grad(args)
             return regular(*args, **kwargs)
 

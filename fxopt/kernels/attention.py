@@ -703,8 +703,16 @@ def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=window > 0,
                 SOFTCAP=softcap > 0, HAS_PAD=key_padding is not None, HAS_MASK=mask is not None,
-                # fp32 inputs get exact fp32 products (tl.dot on fp32 would use tf32 on the GPU)
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION=_fp32_precision(q) if q.dtype == torch.float32 else "tf32")
+
+
+def _fp32_precision(q: Tensor) -> str:
+    """fp32 attention (the QLoRA recipe's: prepare_model_for_kbit_training keeps the residual stream in fp32).
+    On CUDA, "tf32x3": each fp32 operand split into tf32 big + small, three tensor-core products (big*big,
+    big*small, small*big), ~fp32 accuracy (the dropped small*small term is ~2^-22 relative) at tensor-core
+    speed; plain tf32 (10-bit mantissa) would not be fp32 attention any more, and "ieee" runs on CUDA cores
+    (SDPA's fp32 kernels do too). The interpreter takes exact fp32 products."""
+    return "tf32x3" if q.is_cuda else "ieee"
 
 
 def _score_scales(scale, softcap):

@@ -13,7 +13,7 @@ tiles of 16 (which tiles any query sees, which it sees fully) and visits only th
 mask only where a tile is partly visible. A causal mask costs what the kernel's own causal bounds cost, and
 every other mask stays exact. `is_causal=True` without a mask becomes the kernel's causal flag.
 
-Not matched (reported): fp32 attention on CUDA (not yet measured faster than SDPA), attention dropout, float (additive) masks (values not known to be 0 / -inf: an ALiBi
+Not matched (reported): attention dropout, float (additive) masks (values not known to be 0 / -inf: an ALiBi
 bias would be silently dropped), masks that differ per head, query and key lengths that are not known equal
 (decoding with a KV cache), head dims above 256, float64 (PyTorch's math is as good) and dtypes that differ.
 Rows that see no key at all (a fully padded query) give 0, as PyTorch's SDPA does since 2.5.
@@ -36,13 +36,6 @@ DESCRIPTION = "scaled_dot_product_attention (+ repeat_kv, any bool mask) -> fxop
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
                 torch.ops.aten.scaled_dot_product_attention.default)
 SDPA_ARGS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-
-
-def fp32_left_to_sdpa(q) -> bool:
-    """On CUDA, fp32 attention stays with SDPA until fxopt's fp32 kernels are measured faster there (only the
-    bf16 path is, 2026-11-26). Elsewhere (the CPU tests, where the kernels run in the interpreter) it is
-    matched: the same op, checked against the same reference."""
-    return q.dtype == torch.float32 and q.device.type == "cuda"
 
 
 def _sdpa_args(node) -> dict:
@@ -95,9 +88,6 @@ def _match(node, ctx) -> dict:
         raise Reject("q, k, v are not [B, H, S, D]")
     if vq.dtype not in FLOATS or not (vq.dtype == vk.dtype == vv.dtype):
         raise Reject(f"dtypes {vq.dtype}/{vk.dtype}/{vv.dtype}: the kernels take one of fp16, bf16, fp32")
-    if fp32_left_to_sdpa(vq):
-        raise Reject("float32 attention on CUDA is left to SDPA: the fp32 kernels (exact fp32 products, no TF32) "
-                     "are tested but not yet measured against SDPA's (the QLoRA recipe's fp32 attention)")
     D = static_int(vq.shape[3])
     if D is None or D > _kernel.MAX_HEAD_DIM or static_int(vk.shape[3]) != D or static_int(vv.shape[3]) != D:
         raise Reject(f"head dim {vq.shape[3]} (k {vk.shape[3]}, v {vv.shape[3]}): equal, static and <= "

@@ -527,3 +527,11 @@ def test_matches_sdpa_flash_gpu(autotuned):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert rel(flash_attention_fn(q, k, v, causal=True), want) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_fp32_realistic_gpu():
+    """fp32 attention at the QLoRA workload's head layout and length (32/8 heads of 64, 2048 causal): the
+    tf32x3 products on CUDA (see attention._fp32_precision) must stay within fp32's tolerance, output and
+    every gradient."""
+    run_case(1, 32, 8, 2048, 64, torch.float32, True, device="cuda")
