@@ -106,6 +106,23 @@ def with_fallback(op):
     return run
 
 
+def split_bf16(v: Tensor) -> tuple[Tensor, Tensor]:
+    """v (fp32) = hi + lo + O(2^-17 |v|), hi and lo bf16: two bf16 operands carry ~16 bits of v's mantissa."""
+    hi = v.to(torch.bfloat16)
+    return hi, (v - hi.float()).to(torch.bfloat16)  # v - hi is exact in fp32
+
+
+@functools.cache
+def has_out_dtype_mm(device_index: int) -> bool:
+    """torch.mm(bf16, bf16, out_dtype=float32) (fp32 result of a bf16 tensor-core GEMM) is newer than some
+    torch releases we run on: probe once per device."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=f"cuda:{device_index}")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
 DETERMINISTIC = False  # set by fxopt.optimize(deterministic=True): no autotuning (see OptimizeConfig)
 
 

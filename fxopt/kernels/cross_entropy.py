@@ -55,10 +55,13 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, tanh, use_triton, with_fallback
+from fxopt.kernels.common import (has_out_dtype_mm, interpreted, launch, new_output, split_bf16, tanh, use_triton,
+                                  with_fallback)
 
 _INTERPRETED = False
 
+# fp32 head GEMMs on CUDA as three bf16 tensor-core GEMMs (see _SplitHead). Tests turn it off to compare.
+SPLIT_FP32 = True
 # Logits bytes per chunk (see the docstring). Tests set it small to get many chunks out of small inputs.
 CHUNK_BYTES = 128 * 2**20
 # Vocabulary block of one loop step of the row kernel: on the GPU a row of 128256 bf16 logits is 32 steps
@@ -102,9 +105,9 @@ if triton is not None:
 
         # The label's logit, read before pass 2 overwrites the row.
         z_label = tl.load(ptr + tl.where(valid & in_range, label, 0)).to(tl.float32)
-        if HAS_SOFTCAP:
-            t, _ = tanh(z_label / softcap)
-            z_label = softcap * t
+        if HAS_SOFTCAP:  # its own names: a `t` here would become a loop-carried scalar in pass 2 (see below)
+            t_label, _ = tanh(z_label / softcap)
+            z_label = softcap * t_label
         loss = tl.where(in_range, (m - z_label) + log_s, float("nan"))
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
 
@@ -157,6 +160,7 @@ def _check_labels(labels: Tensor, v: int, ignore_index: int) -> None:
 def _ce_rows_triton(logits, labels, loss, ignore_index, softcap, write_grad):
     rows, v = logits.shape
     block = min(triton.next_power_of_2(v), BLOCK_V_INTERPRETED if _INTERPRETED else BLOCK_V_GPU)
+
     args = (logits, labels, loss, v, logits.stride(0), labels.stride(0), ignore_index, float(softcap))
     flags = dict(HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad, BLOCK_V=block)
     launch(_ce_rows_kernel, None, lambda meta: (rows,), args, flags,
@@ -202,6 +206,42 @@ def _add_dw(acc: Tensor, dlogits: Tensor, xc: Tensor, first: bool) -> None:
         torch.addmm(acc, dlogits.t().to(acc.dtype), xc.to(acc.dtype), beta=beta, out=acc)
 
 
+class _SplitHead:
+    """The head's GEMMs for an fp32 x and weight on CUDA: the QLoRA recipe (prepare_model_for_kbit_training)
+    upcasts the tied 128k-vocabulary lm_head to fp32, and an fp32 GEMM runs on CUDA cores (no TF32 unless the
+    user allows it): ~30% of that step. Each fp32 operand is split into bf16 hi + lo (split_bf16) and
+    a @ b = a_hi b_hi + a_hi b_lo + a_lo b_hi, three bf16 tensor-core GEMMs accumulating in fp32 (the dropped
+    a_lo b_lo and the split's remainder are ~2^-17 relative per product: near fp32, not fp32 itself; the same
+    trade as the LoRA adapters' products, tests.kernels.numerics.SPLIT_TOL). The weight is split once per call
+    (two bf16 copies, together the size of the fp32 weight, alive during the op)."""
+
+    @staticmethod
+    def applies(x: Tensor) -> bool:
+        return SPLIT_FP32 and x.is_cuda and x.dtype == torch.float32 and has_out_dtype_mm(x.device.index or 0)
+
+    def __init__(self, weight: Tensor, rows: int = 16384):
+        # in slices of rows: split_bf16 of the whole weight would hold an fp32 temporary of its size too
+        self.w_hi = torch.empty_like(weight, dtype=torch.bfloat16)
+        self.w_lo = torch.empty_like(weight, dtype=torch.bfloat16)
+        for i in range(0, weight.shape[0], rows):
+            self.w_hi[i:i + rows], self.w_lo[i:i + rows] = split_bf16(weight[i:i + rows])
+
+    @staticmethod
+    def _mm3(a: Tensor, b_hi: Tensor, b_lo: Tensor, out: Tensor) -> None:
+        a_hi, a_lo = split_bf16(a)
+        for i, (p, q) in enumerate(((a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))):  # into out, in place (_add_dw)
+            torch.baddbmm(out[None], p[None], q[None], out_dtype=torch.float32, beta=0 if i == 0 else 1,
+                          out=out[None])
+
+    def logits(self, xc: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
+        self._mm3(xc, self.w_hi.t(), self.w_lo.t(), out)
+        if bias is not None:
+            out += bias
+
+    def grad_x(self, dlogits: Tensor, out: Tensor) -> None:
+        self._mm3(dlogits, self.w_hi, self.w_lo, out)
+
+
 def _forward(x, weight, bias, labels, ignore_index, softcap, need_dx, need_dw, need_db):
     if x.dim() != 2 or weight.dim() != 2 or labels.shape != x.shape[:1] or weight.shape[1] != x.shape[1]:
         raise ValueError(f"linear_cross_entropy: x [N, H], weight [V, H], labels [N] expected, got "
@@ -223,15 +263,20 @@ def _forward(x, weight, bias, labels, ignore_index, softcap, need_dx, need_dw, n
     dw = _new_output((v, h), _loss_dtype(x), dev) if need_dw else None
     db = _new_output((v,), _loss_dtype(x), dev) if need_db else None
     wt = weight.t()
+    split = _SplitHead(weight) if _SplitHead.applies(x) else None
     for i, start in enumerate(range(0, n, rows)):
         end = min(start + rows, n)
         xc, lg = x[start:end], buf[:end - start]
-        if bias is None:
+        if split is not None:
+            split.logits(xc, bias, lg)
+        elif bias is None:
             torch.mm(xc, wt, out=lg)
         else:
             torch.addmm(bias, xc, wt, out=lg)
         _ce_rows(lg, labels[start:end], loss_rows[start:end], ignore_index, softcap, write_grad)
-        if need_dx:
+        if need_dx and split is not None:
+            split.grad_x(lg, dx[start:end])
+        elif need_dx:
             torch.mm(lg, weight, out=dx[start:end])
         if need_dw:
             _add_dw(dw, lg, xc, first=i == 0)

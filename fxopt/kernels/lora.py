@@ -17,7 +17,6 @@ Triton's interpreter: that is how CI tests the kernel without a GPU.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 from typing import Optional
@@ -33,7 +32,8 @@ except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
 from fxopt.kernels import skinny_mm
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
+from fxopt.kernels.common import (has_out_dtype_mm, interpreted, launch, new_output, split_bf16, use_triton,
+                                  with_fallback)
 
 _INTERPRETED = False
 
@@ -157,23 +157,6 @@ def _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate):
     return out
 
 
-def _split_bf16(v: Tensor) -> tuple[Tensor, Tensor]:
-    """v (fp32) = hi + lo + O(2^-17 |v|), hi and lo bf16: two bf16 operands carry ~16 bits of v's mantissa."""
-    hi = v.to(torch.bfloat16)
-    return hi, (v - hi.float()).to(torch.bfloat16)  # v - hi is exact in fp32
-
-
-@functools.cache
-def _has_out_dtype_mm(device_index: int) -> bool:
-    """torch.mm(bf16, bf16, out_dtype=float32) (fp32 result of a bf16 tensor-core GEMM) is newer than some
-    torch releases we run on: probe once per device."""
-    try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=f"cuda:{device_index}")
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
-
-
 def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
     """scale * a @ b in the adapter's dtype, where one operand is an activation (bf16 base model) and the other
     an adapter-sized fp32 tensor (A, B, t = x A^T, u = dY B). PEFT computes this in fp32 after casting the
@@ -189,13 +172,13 @@ def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) ->
             out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
             skinny_mm.skinny_mm(b.t(), a.t(), scale, out=out.t())
             return out
-    if a.is_cuda and dtype == torch.float32 and small_fp32 and _has_out_dtype_mm(a.device.index or 0):
+    if a.is_cuda and dtype == torch.float32 and small_fp32 and has_out_dtype_mm(a.device.index or 0):
         if a.dtype == torch.float32:
-            hi, lo = _split_bf16(a)
+            hi, lo = split_bf16(a)
             r = torch.mm(torch.cat([hi, lo], 0), b, out_dtype=torch.float32)
             r = r[:a.shape[0]] + r[a.shape[0]:]
         else:
-            hi, lo = _split_bf16(b)
+            hi, lo = split_bf16(b)
             r = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
             r = r[:, :b.shape[1]] + r[:, b.shape[1]:]
         return r if scale == 1.0 else scale * r
