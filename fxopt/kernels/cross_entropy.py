@@ -160,7 +160,6 @@ def _check_labels(labels: Tensor, v: int, ignore_index: int) -> None:
 def _ce_rows_triton(logits, labels, loss, ignore_index, softcap, write_grad):
     rows, v = logits.shape
     block = min(triton.next_power_of_2(v), BLOCK_V_INTERPRETED if _INTERPRETED else BLOCK_V_GPU)
-
     args = (logits, labels, loss, v, logits.stride(0), labels.stride(0), ignore_index, float(softcap))
     flags = dict(HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write_grad, BLOCK_V=block)
     launch(_ce_rows_kernel, None, lambda meta: (rows,), args, flags,

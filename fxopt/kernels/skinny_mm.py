@@ -85,7 +85,9 @@ if triton is not None:
 def supported(x: Tensor, s: Tensor) -> bool:
     """Whether skinny_mm takes these operands: a bf16 (CUDA) or fp16/fp32 (interpreter) activation and an fp32
     S of at most MAX_R columns, on one device."""
-    if triton is None or __name__ in FAILED or s.dtype != torch.float32 or x.dim() != 2 or s.dim() != 2 or s.shape[1] > MAX_R:
+    if triton is None or __name__ in FAILED or s.dtype != torch.float32 or x.dim() != 2 or s.dim() != 2:
+        return False
+    if s.shape[1] > MAX_R:  # wider adapters (e.g. q/k/v of r = 128 each) take lora._adapter_mm's torch split
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and s.device == x.device

@@ -9,12 +9,16 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fxopt.kernels import skinny_mm as sk
-from tests.kernels.numerics import SPLIT_TOL, TOL, rel
+from tests.kernels.numerics import TOL, rel
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# the split carries ~16 bits of the fp32 operand in bf16 (SPLIT_TOL), ~22 bits in fp16 (below fp32's TOL)
-EXPECTED = {torch.float32: TOL[torch.float32], torch.float16: TOL[torch.float32], torch.bfloat16: SPLIT_TOL}
+# The activation is exact in its dtype, so the only error beyond fp32 accumulation is the split of S:
+# hi + lo leaves |s| 2^-17 (bf16: 8 + 8 significant bits, the remainder rounded at half an ulp of lo), i.e.
+# ~22 bits kept in fp16 (below fp32's TOL). Bound bf16 by 2^-16, twice the split's own relative error
+# (measured 2.7e-6 to 4.4e-6 on the H100 at the dense shapes), not by the LoRA op's looser SPLIT_TOL, which
+# also covers the op's other roundings.
+EXPECTED = {torch.float32: TOL[torch.float32], torch.float16: TOL[torch.float32], torch.bfloat16: 2.0 ** -16}
 
 
 def activation(m, k, dtype, layout, g):
