@@ -141,19 +141,45 @@ if GEMM not in ("triton", "cublas", "auto"):
     raise ValueError(f"FXOPT_LORA_GEMM must be 'triton', 'cublas' or 'auto', got {GEMM!r}")
 
 
-def _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate):
-    if accumulate:
-        out.addmm_(x, w)
-    elif bias is not None:
-        torch.addmm(bias.to(out.dtype), x, w, out=out)
-    else:
-        torch.mm(x, w, out=out)
-    if accumulate and bias is not None:
-        out.add_(bias)
-    if t is not None:
-        # The low-rank term lands in a half-precision output: rounding its operands to that precision
-        # first costs about one output rounding (measured within the bf16 tolerance against fp64).
-        out.addmm_(t.to(out.dtype), lo.to(out.dtype), alpha=scale)
+def _cublas_linear_sum(out: Tensor, products, lows, bias: Optional[Tensor]) -> Tensor:
+    """out = sum_i x_i @ w_i + sum_j s_j * t_j @ lo_j + bias on cuBLAS. The low-rank terms go first, as one
+    GEMM over their concatenated ranks that writes out; then each base GEMM accumulates into it (beta = 1),
+    whose read of out sits in the epilogue of a compute-bound GEMM. Adding the low-rank term after the base
+    GEMM instead costs a memory-bound pass of its own over the output (read + write): 5.6 ms of addmm_ passes
+    in the dense workload's forward on the H100 (2026-11-27 trace)."""
+    first = True
+    if lows:
+        # The low-rank term lands in a half-precision output: rounding its operands (scale folded into t) to
+        # that precision first costs about one output rounding (within the bf16 tolerance against fp64).
+        t = torch.cat([(tj if sj == 1.0 else tj * sj).to(out.dtype) for tj, _, sj in lows], 1)
+        lo = torch.cat([loj.to(out.dtype) for _, loj, _ in lows], 0)
+        if bias is not None:
+            torch.addmm(bias.to(out.dtype), t, lo, out=out)
+        else:
+            torch.mm(t, lo, out=out)
+        first = False
+    for x, w in products:
+        if first and bias is not None:
+            torch.addmm(bias.to(out.dtype), x, w, out=out)
+        elif first:
+            torch.mm(x, w, out=out)
+        else:
+            out.addmm_(x, w)
+        first = False
+    return out
+
+
+def _linear_sum(out: Tensor, products, lows, bias: Optional[Tensor] = None) -> Tensor:
+    """out = sum_i x_i @ w_i + sum_j s_j * t_j @ lo_j + bias (products [(x, w)], lows [(t, lo, s)], at most one
+    low-rank term per product): on CUDA's default path by cuBLAS (_cublas_linear_sum), else one fused
+    matmul per product accumulating into out."""
+    x0, w0 = products[0]
+    if x0.is_cuda and x0.shape[0] > 0 and _use_triton(x0, *(t for t, _, _ in lows)) and (
+            GEMM == "cublas" or (GEMM == "auto" and w0.shape[1] < 4096)):
+        return _cublas_linear_sum(out, products, lows, bias)
+    for i, (x, w) in enumerate(products):
+        t, lo, s = lows[i] if i < len(lows) else (None, None, 1.0)
+        _fused_matmul(x, w, t, lo, s, bias if i == 0 else None, out, accumulate=i > 0)
     return out
 
 
@@ -204,9 +230,6 @@ def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor
         if accumulate:
             acc += out
         return out.copy_(acc)
-    if x.is_cuda and (GEMM == "cublas" or (GEMM == "auto" and w.shape[1] < 4096)):
-        return _cublas_matmul(x, w, t, lo, scale, bias, out, accumulate)
-
     has_lora = t is not None and t.shape[1] > 0
     R = t.shape[1] if has_lora else 0
     if not has_lora:  # the pointers are never read: any tensor will do
@@ -252,7 +275,7 @@ def _forward(x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias):
     for w, b, a, bm, s in zip(weights, biases, lora_as, lora_bs, scalings):
         r = a.shape[0]
         out = _new_output((x2.shape[0], w.shape[0]), x.dtype, x.device)
-        _fused_matmul(x2, w.t(), t[:, r0:r0 + r], bm.to(adt).t(), s, b, out)
+        _linear_sum(out, [(x2, w.t())], [(t[:, r0:r0 + r], bm.to(adt).t(), s)], b)
         outs.append(out.view(*x.shape[:-1], w.shape[0]))
         r0 += r
     return outs, t
@@ -295,9 +318,8 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     result = []
     if need_dx:
         dx = _new_output(x2.shape, x.dtype, x.device)
-        for i, (dy, w, a, u, s) in enumerate(zip(dys, weights, lora_as, us, scalings)):
-            low = (u, a.to(adt)) if x_lora is None else (None, None)
-            _fused_matmul(dy, w, low[0], low[1], s, None, dx, accumulate=i > 0)
+        lows = [(u, a.to(adt), s) for u, a, s in zip(us, lora_as, scalings)] if x_lora is None else []
+        _linear_sum(dx, list(zip(dys, weights)), lows)
         result.append(dx.view(x.shape))
     if x_lora is not None:
         dxl = sum(s * _adapter_mm(u, a, adt) for u, a, s in zip(us, lora_as, scalings))
