@@ -538,8 +538,11 @@ def _wgrad(a: Tensor, b: Tensor, perm: Tensor, offs: Tensor, topk: int, out: Ten
 def _route(topk_ids: Tensor, num_experts: int):
     """Sorts the S = T*k (token, slot) pairs by expert, on the device: perm[r] = the slot (t*k + j) of sorted
     row r, offs[e] = the first sorted row of expert e (offs[E] = S). A stable sort keeps each expert's rows in
-    token order: the result does not depend on the sort's tie-breaking."""
-    flat = topk_ids.reshape(-1)
+    token order: the result does not depend on the sort's tie-breaking. The ids are sorted as the narrowest
+    integer that holds 0..E: a radix sort makes one pass per byte of the key, 8 for topk's int64 ids (0.7 ms
+    of the moe workload's ~20 ms of GPU time per step on the H100 went to those passes)."""
+    key = torch.uint8 if num_experts < 255 else (torch.int16 if num_experts < 32767 else topk_ids.dtype)
+    flat = topk_ids.reshape(-1).to(key)
     sorted_ids, perm = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=sorted_ids.dtype)
     offs = torch.searchsorted(sorted_ids, bounds, out_int32=True)
