@@ -194,17 +194,28 @@ if triton is not None:
         return _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     @triton.jit
-    def _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk):
-        """s [BLOCK_M queries, BLOCK_N keys] with the keys the mask hides (and out-of-range ones) at -inf."""
+    def _bias(ptrs, inside, mask_min):
+        """An additive mask's tile in log2 units (as the scores are): its values at or below mask_min (HF's
+        masked value, the dtype's minimum) and those outside the sequence at -inf."""
+        b = tl.load(ptrs, mask=inside, other=float("-inf")).to(tl.float32)
+        return tl.where(b <= mask_min, float("-inf"), b) * 1.4426950408889634
+
+    @triton.jit
+    def _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk, mask_min, MASK_BIAS: tl.constexpr):
+        """s [BLOCK_M queries, BLOCK_N keys] with the keys the mask hides (and out-of-range ones) at -inf; with
+        an additive mask (MASK_BIAS), s plus the mask."""
         ptrs = MASK + offs_m.to(tl.int64)[:, None] * stride_mq + offs_n.to(tl.int64)[None, :] * stride_mk
-        vis = tl.load(ptrs, mask=(offs_m[:, None] < S) & (offs_n[None, :] < S), other=0)
+        inside = (offs_m[:, None] < S) & (offs_n[None, :] < S)
+        if MASK_BIAS:
+            return s + _bias(ptrs, inside, mask_min)
+        vis = tl.load(ptrs, mask=inside, other=0)
         return tl.where(vis != 0, s, float("-inf"))
 
     @triton.jit
     def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
-                    stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                    stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                    HAS_MASK: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     PRECISION: tl.constexpr):
         """Online softmax over the key blocks [start, end)."""
         offs_d = tl.arange(0, BLOCK_D)
@@ -215,7 +226,7 @@ if triton is not None:
             s, _ = _scores(qk, qk_scale, softcap, SOFTCAP)
             if MASKED:
                 if HAS_MASK:
-                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk)
+                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk, mask_min, MASK_BIAS)
                 else:
                     s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
             if HAS_PAD:
@@ -236,9 +247,9 @@ if triton is not None:
                     stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                     stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                     stride_pb, stride_ps, stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
-                    H, S, GROUP, S_BUCKET, qk_scale, softcap, window,
+                    H, S, GROUP, S_BUCKET, qk_scale, softcap, window, mask_min,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # last query blocks first: under a causal mask they see the most keys (shorter tail at the end)
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -266,15 +277,15 @@ if triton is not None:
         if WINDOW or HAS_MASK:
             acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, full_lo, S, window,
                                         stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                        qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True,
+                                        qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True,
                                         HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window,
                                     stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False,
+                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_hi, hi, S, window,
                                     stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True,
+                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True,
                                     HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         empty = l_i == 0.0  # no visible key: out 0, lse +inf
         l_safe = tl.where(empty, 1.0, l_i)
@@ -301,9 +312,9 @@ if triton is not None:
 
     @triton.jit
     def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
-                   stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                   stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                   HAS_MASK: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PRECISION: tl.constexpr):
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start, end, BLOCK_N):
@@ -314,7 +325,7 @@ if triton is not None:
             s, dt = _scores(qk, qk_scale, softcap, SOFTCAP)
             if MASKED:
                 if HAS_MASK:
-                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk)
+                    s = _dense_mask(s, MASK, offs_m, offs_n, S, stride_mq, stride_mk, mask_min, MASK_BIAS)
                 else:
                     s = _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL, WINDOW)
             if HAS_PAD:
@@ -333,9 +344,9 @@ if triton is not None:
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_db, stride_dh, stride_ds, stride_dd,
                    stride_gb, stride_gh, stride_gs, stride_gd, stride_pb, stride_ps,
                    stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
-                   H, S, GROUP, S_BUCKET, qk_scale, softcap, window, scale,
+                   H, S, GROUP, S_BUCKET, qk_scale, softcap, window, mask_min, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dQ for BLOCK_M query rows of one head (strides g*: of dQ, d*: of dO)."""
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -363,22 +374,22 @@ if triton is not None:
                                                   CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
         if WINDOW or HAS_MASK:
             dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, full_lo, S, window, stride_ks,
-                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                            CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+                            CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_hi, hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         _store_tile(DQ + b * stride_gb + h * stride_gh, dq * scale, offs_m, offs_d, S, stride_gs, stride_gd,
                     HEAD_DIM)
 
     @triton.jit
     def _dkdv_blocks(dk, dv, k, v, real, Q, DO, LSE, DELTA, MASK, offs_n, start, end, S, window, stride_qm,
-                     stride_qd, stride_dm, stride_dd, stride_mq, stride_mk, qk_scale, softcap,
+                     stride_qd, stride_dm, stride_dd, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                     HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                     HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      PRECISION: tl.constexpr):
         """dK, dV of one key block over the query blocks [start, end) of one query head, in the transposed
@@ -406,7 +417,10 @@ if triton is not None:
                     ok = ok & (offs_n[:, None] > offs_m[None, :] - window)
                 if HAS_MASK:
                     ptrs = MASK + offs_n.to(tl.int64)[:, None] * stride_mk + offs_m.to(tl.int64)[None, :] * stride_mq
-                    ok = ok & (tl.load(ptrs, mask=ok, other=0) != 0)
+                    if MASK_BIAS:
+                        s_t = s_t + _bias(ptrs, ok, mask_min)
+                    else:
+                        ok = ok & (tl.load(ptrs, mask=ok, other=0) != 0)
                 s_t = tl.where(ok, s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse2[None, :])
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -423,10 +437,10 @@ if triton is not None:
                      stride_vb, stride_vh, stride_vs, stride_vd, stride_db, stride_dh, stride_ds, stride_dd,
                      stride_kgb, stride_kgh, stride_kgs, stride_kgd, stride_vgb, stride_vgh, stride_vgs, stride_vgd,
                      stride_pb, stride_ps, stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
-                     HKV, S, GROUP, S_BUCKET, qk_scale, softcap, window, scale,
+                     HKV, S, GROUP, S_BUCKET, qk_scale, softcap, window, mask_min, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                     SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dK, dV for BLOCK_N keys of one KV head, summed over the GROUP query heads that read it."""
         bh = tl.program_id(1)
         b = (bh // HKV).to(tl.int64)
@@ -459,16 +473,16 @@ if triton is not None:
             if CAUSAL or HAS_MASK:
                 dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, lo, full_lo,
                                       S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                      qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM,
-                                      BLOCK_D, BLOCK_M, PRECISION)
+                                      qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                      MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
             dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_lo, full_hi,
                                   S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                  qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, False, HEAD_DIM,
-                                  BLOCK_D, BLOCK_M, PRECISION)
+                                  qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                  MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
             dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_hi, hi,
                                   S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                  qk_scale, softcap, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, True, HEAD_DIM,
-                                  BLOCK_D, BLOCK_M, PRECISION)
+                                  qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                  MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         _store_tile(DK + b * stride_kgb + kvh64 * stride_kgh, dk * scale, offs_n, offs_d, S, stride_kgs, stride_kgd,
                     HEAD_DIM)
         _store_tile(DV + b * stride_vgb + kvh64 * stride_vgh, dv, offs_n, offs_d, S, stride_vgs, stride_vgd, HEAD_DIM)
@@ -520,7 +534,7 @@ if triton is not None:
     # The lists are short because every config is a compile (~1.5 s) in the model's first step: on the H100,
     # out of 7 / 5 / 6 candidates, (64, 64, 4, 3) won every kernel at B4 x S2048 (D 64, causal or masked), and
     # (128, 64, 4|8, 3) the forward and dq at S 8192; the rest never won (2026-11-26).
-    _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD", "HAS_MASK"]
+    _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD", "HAS_MASK", "MASK_BIAS"]
     _CONFIGS = {  # (kernel, wide head): [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
         ("fwd", False): [(64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 2)],
         ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
@@ -606,10 +620,10 @@ def _check(q, k, v, scale, causal, window, softcap, key_padding, mask=None):
     if key_padding is not None and (key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, S)):
         raise ValueError(f"flash_attention: key_padding must be a bool [B, S] = [{B}, {S}] tensor")
     if mask is not None:
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 \
-                or tuple(mask.shape[2:]) != (S, S):
-            raise ValueError(f"flash_attention: mask must be a bool [B or 1, 1, S, S] = [{B}, 1, {S}, {S}] tensor "
-                             f"(True = visible), got {mask.dtype} {tuple(mask.shape)}")
+        if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.dim() != 4 \
+                or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (S, S):
+            raise ValueError(f"flash_attention: mask must be a bool (True = visible) or float (additive) [B or 1, 1, "
+                             f"S, S] = [{B}, 1, {S}, {S}] tensor, got {mask.dtype} {tuple(mask.shape)}")
         if causal or window or key_padding is not None:
             raise ValueError("flash_attention: a mask is the whole mask: pass causal=False, window=0 and no "
                              "key_padding with it")
@@ -693,8 +707,15 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor):
         return fallback, fallback, (0,) * 6
     if mask.shape[0] > 1 and mask.stride(0) == 0:  # one mask expanded over the batch: summarise it once
         mask = mask[:1]
-    summary = _summarise(mask)
-    m = mask.view(torch.uint8)
+    if mask.is_floating_point():
+        # an additive mask: a tile is visited where any value is above the dtype's minimum (HF's masked value)
+        # and needs no mask read where every value is 0 (fields 2, 3, 6, 7 of that summary)
+        seen, zero = _summarise(mask > torch.finfo(mask.dtype).min), _summarise(mask == 0)
+        summary = torch.stack([seen[0], seen[1], zero[2], zero[3], seen[4], seen[5], zero[6], zero[7]])
+        m = mask
+    else:
+        summary = _summarise(mask)
+        m = mask.view(torch.uint8)
     Bm, T = summary.shape[1], summary.shape[2]
     return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), T if Bm > 1 else 0, Bm * T, T)
 
@@ -703,6 +724,7 @@ def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
     D = q.shape[-1]
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal), WINDOW=window > 0,
                 SOFTCAP=softcap > 0, HAS_PAD=key_padding is not None, HAS_MASK=mask is not None,
+                MASK_BIAS=mask is not None and mask.is_floating_point(),
                 PRECISION=_fp32_precision(q) if q.dtype == torch.float32 else "tf32")
 
 
@@ -713,6 +735,12 @@ def _fp32_precision(q: Tensor) -> str:
     speed; plain tf32 (10-bit mantissa) would not be fp32 attention any more, and "ieee" runs on CUDA cores
     (SDPA's fp32 kernels do too). The interpreter takes exact fp32 products."""
     return "tf32x3" if q.is_cuda else "ieee"
+
+
+def _mask_min(mask: Optional[Tensor]) -> float:
+    """The value at or below which an additive mask hides a key: its dtype's minimum, what HF's eager masks
+    put there (the kernels read -inf too)."""
+    return float(torch.finfo(mask.dtype).min) if mask is not None and mask.is_floating_point() else 0.0
 
 
 def _score_scales(scale, softcap):
@@ -750,6 +778,15 @@ def _visible(s_len: int, causal: bool, window: int, key_padding: Optional[Tensor
     return mask
 
 
+def _split_mask(mask: Optional[Tensor]):
+    """(bool mask, additive bias or None): a float mask is an additive bias whose values at or below its
+    dtype's minimum (HF's masked value) hide the key; a bool mask is returned as it is, without a bias."""
+    if mask is None or not mask.is_floating_point():
+        return mask, None
+    visible = mask > torch.finfo(mask.dtype).min
+    return visible, mask.masked_fill(~visible, 0.0)
+
+
 def _torch_probs(q, k, scale, causal, window, softcap, key_padding, mask=None, lse=None):
     """(P or the masked scores, the softcap's derivative, acc dtype, grouped q, grouped k): with lse,
     P = exp(s - lse); without, the masked scores s [B, Hkv, G, S, S]."""
@@ -764,6 +801,9 @@ def _torch_probs(q, k, scale, causal, window, softcap, key_padding, mask=None, l
         u = s / softcap
         dt = torch.cosh(u).pow(-2)  # 1 - tanh^2 without its cancellation where tanh saturates
         s = softcap * torch.tanh(u)
+    mask, bias = _split_mask(mask)
+    if bias is not None:
+        s = s + bias[:, None].to(acc)
     visible = _visible(S, causal, window, key_padding, q.device, mask)
     if visible is not None:
         s = s.masked_fill(~visible[:, None, None], float("-inf"))
@@ -821,7 +861,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
     m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)
     args = (q, k, v, pad, m, summary, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), spb, sps,
-            *mask_strides, Hq, S, Hq // k.shape[1], min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window))
+            *mask_strides, Hq, S, Hq // k.shape[1], min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc),
+            int(window), _mask_min(mask))
 
     def grid(meta):
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
@@ -867,7 +908,8 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     pad, spb, sps = _pad_args(key_padding, lse)
     m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)
-    common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window), float(scale))
+    common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window),
+              _mask_min(mask), float(scale))
 
     def q_grid(meta):
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
@@ -921,6 +963,9 @@ def reference(q, k, v, scale, causal=False, window=0, softcap=0.0, key_padding=N
     s = (q.to(acc) @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    mask, bias = _split_mask(mask)
+    if bias is not None:
+        s = s + bias.to(acc)
     mask = _visible(q.shape[2], causal, window, key_padding, q.device, mask)
     if mask is None:
         return (torch.softmax(s, -1) @ v).to(q.dtype)

@@ -143,7 +143,8 @@ def run_case(B, hq, hkv, S, D, dtype, causal=False, window=0, softcap=0.0, paddi
     q, k, v = make_qkv(B, hq, hkv, S, D, dtype, layout, g, device)
     pad = make_padding(padding, B, S, g)
     pad = None if pad is None else pad.to(device)
-    mask = make_mask(mask, B, S, g)
+    if isinstance(mask, str) or mask is None:
+        mask = make_mask(mask, B, S, g)
     mask = None if mask is None else mask.to(device)
     scale = D ** -0.5 if scale is None else scale
     out = flash_attention_fn(q, k, v, scale, causal, window, softcap, pad, mask)
@@ -207,6 +208,56 @@ def test_dense_mask_kinds(tiles, mask, monkeypatch):
     if TILES[tiles] is not None:
         monkeypatch.setattr(ak, "INTERPRETER_TILES", TILES[tiles])
     run_case(2, 2, 1, 70, 16, torch.float32, seed=len(mask), mask=mask)
+
+
+def as_additive(mask, dtype, bias=False, g=None):
+    """HF's eager form of a bool mask: 0 where visible, the dtype's minimum where not; with bias=True a random
+    additive bias (an ALiBi-like term) where visible."""
+    vis = torch.zeros(mask.shape, dtype=dtype)
+    if bias:
+        vis = torch.randn(mask.shape, generator=g).to(dtype)
+    return torch.where(mask.cpu(), vis, torch.finfo(dtype).min).to(mask.device)
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       S=st.sampled_from([1, 17, 40, 70]), D=st.sampled_from([16, 24]), dtype=st.sampled_from(DTYPES),
+       mask=st.sampled_from(MASKS), bias=st.booleans(), softcap=st.sampled_from([0.0, 1.5]),
+       tiles=st.sampled_from(list(TILES)), seed=st.integers(0, 2**16))
+def test_additive_mask_matches_reference(B, heads, S, D, dtype, mask, bias, softcap, tiles, seed):
+    """A float (additive) mask, what HF's eager attention adds to the scores (after a softcap): the dtype's
+    minimum hides a key, other values are added (a random bias here, or HF's zeros). Forward and gradients
+    against the float64 reference with the same mask."""
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    m = as_additive(make_mask(mask, B, S, g), dtype, bias, g).to(DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        if TILES[tiles]:
+            mp.setattr(ak, "INTERPRETER_TILES", TILES[tiles])
+        run_case(B, hq, hkv, S, D, dtype, softcap=softcap, seed=seed, mask=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hf_additive_mask_equals_bool_mask(dtype):
+    """HF's eager mask (0 / the dtype's minimum) gives exactly what the same bool mask gives, fully masked rows
+    (0) included."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 4, 2, 70, 16, dtype, "bshd", g, DEVICE)
+    mask = make_mask("empty_row", 2, 70, g).to(DEVICE)
+    a = flash_attention_fn(q, k, v, mask=mask)
+    b = flash_attention_fn(q, k, v, mask=as_additive(mask, dtype))
+    assert torch.equal(a, b)
+
+
+def test_additive_mask_on_the_torch_path():
+    """float64 takes the op's torch math: an additive mask there equals the reference too (values added, the
+    minimum hiding the key, fully masked rows 0)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(2, 4, 2, 20, 8, torch.float64, "contiguous", g, DEVICE)
+    m = as_additive(make_mask("empty_row", 2, 20, g), torch.float64, True, g).to(DEVICE)
+    out = flash_attention_fn(q, k, v, mask=m)
+    assert rel(out, reference(q, k, v, 8 ** -0.5, mask=m)) < 1e-12
+    assert out[0].abs().max() == 0  # batch entry 0 sees no key
 
 
 def test_dense_causal_mask_equals_causal_flag():
@@ -391,7 +442,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dtype"):
         flash_attention_fn(q, k.half(), k)
     with pytest.raises(ValueError, match="mask must be a bool"):
-        flash_attention_fn(q, k, k, mask=torch.ones(1, 1, 5, 5))
+        flash_attention_fn(q, k, k, mask=torch.ones(1, 1, 5, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        flash_attention_fn(q, k, k, mask=torch.ones(1, 2, 5, 5))
     with pytest.raises(ValueError, match="mask is the whole mask"):
         flash_attention_fn(q, k, k, causal=True, mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\[B, Hq, S, D\]"):
