@@ -552,6 +552,18 @@ def test_dense_mask_gpu_autotuned(mask, autotuned):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask", ["causal_left_pad", "window", "random"])
+def test_additive_mask_gpu_autotuned(mask, autotuned):
+    """HF's eager mask (0 / bf16's minimum) and a random additive bias, bf16, with a softcap: the autotuned
+    tiles on the GPU (the CPU tests run the interpreter's)."""
+    g = torch.Generator().manual_seed(2)
+    m = make_mask(mask, 2, 1000, g)
+    run_case(2, 8, 2, 1000, 64, torch.bfloat16, layout="bshd", device="cuda", mask=as_additive(m, torch.bfloat16))
+    run_case(2, 8, 2, 1000, 64, torch.bfloat16, layout="bshd", device="cuda", softcap=50.0, seed=1,
+             mask=as_additive(m, torch.bfloat16, True, g))
+
+
+@pytest.mark.gpu
 def test_dense_causal_mask_equals_causal_flag_gpu(autotuned):
     g = torch.Generator().manual_seed(0)
     q, k, v = make_qkv(2, 32, 8, 2048, 64, torch.bfloat16, "bshd", g, "cuda")

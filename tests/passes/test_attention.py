@@ -1,13 +1,14 @@
 """The attention pass on tiny real HF models (sdpa attention): every SDPA call matched (repeat_kv looked
 through, HF's bool mask taken as it is), loss and gradients equal the unoptimized model's with causal,
-padded, sliding-window and packed masks; near-misses (dropout, additive masks, per-head masks, a KV cache,
-eager attention) left to PyTorch and reported."""
+padded, sliding-window and packed masks; eager attention (HF's additive mask, Gemma 2's logit softcap)
+matched the same way; near-misses (dropout, additive masks given to SDPA, per-head masks, a KV cache, eager
+attention whose probabilities are returned) left to PyTorch and reported."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config
 
 import fxopt
 from fxopt.passes import pass_names
@@ -22,6 +23,7 @@ LAYERS = COMMON["num_hidden_layers"]
 OTHERS = [p for p in pass_names() if p != "attention"]  # the other passes' interpreted kernels are slow here
 EXTRA = {  # families beyond tests/models.py: Gemma 3 (sliding-window layers, q/k norms), Phi-3 (fused qkv)
     "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8),  # logit softcap 50 (its default)
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "mistral_window": lambda: MistralConfig(**COMMON, sliding_window=8),
 }
@@ -108,14 +110,49 @@ def test_inductor_all_passes():
     assert report.matched("attention") and report.matched("lora")
 
 
-def test_eager_attention_is_left_alone_and_reported():
-    """attn_implementation="eager" (matmul, add mask, softmax, matmul) has no SDPA node: nothing matched,
-    nothing broken, and the report says what to change."""
-    report = compare(model_of("llama", attn="eager"), padded_batch(), regional=False)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
+def test_eager_attention_matched_and_equal(family):
+    """attn_implementation="eager" (matmul, scale, [softcap], + HF's additive mask, softmax in fp32, matmul):
+    one match per layer, the float mask taken as an additive bias, right padding, loss and gradients equal;
+    Gemma 2's logit softcap (50) goes into the op, its sliding-window layers through their masks."""
+    report = compare(model_of(family, attn="eager"), padded_batch(left=False), regional=False)
+    matched = report.matched("attention")
+    assert len(matched) == LAYERS and not report.rejected("attention"), report.records
+    assert all("from eager attention, torch.float32 mask" in r.reason for r in matched)
+    assert all(r.location.endswith("self_attn") for r in matched)
+    if family == "gemma2":
+        assert all("softcap 50" in r.reason for r in matched)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # Gemma 2 has no sdpa attention to compare with
+def test_eager_left_padding_gives_sdpas_result(family):
+    """Left padding: the padded queries see no key. There HF's eager softmax spreads each such row evenly over
+    every key, future ones included (the mask adds the dtype's minimum to all of them), SDPA gives 0, and so
+    does the op. The last padded position's output predicts the first real token, so the loss reads it: the
+    optimized eager model trains exactly as the unoptimized SDPA model does."""
+    model = model_of(family, attn="eager")
+    sdpa = model_of(family, attn="sdpa")  # same seed: the same weights
+    fxopt.optimize(model, inner_backend="aot_eager", disable=OTHERS, regional=False)
+    assert_same_training(model, sdpa, padded_batch())
+    assert len(fxopt.report(model).matched("attention")) == LAYERS
+
+
+def test_eager_attention_bf16_no_less_accurate():
+    model = model_of("gemma2", dtype=torch.bfloat16, attn="eager")
+    eager, ref32 = twin(model), twin(model).float()
+    fxopt.optimize(model, inner_backend="aot_eager", disable=OTHERS, regional=False)
+    assert_no_less_accurate(model, eager, ref32, padded_batch(left=False))
+    assert len(fxopt.report(model).matched("attention")) == LAYERS
+
+
+def test_eager_attention_returning_probabilities_is_left_alone():
+    """output_attentions=True returns the probabilities, which a fused kernel never forms: not matched, and
+    the report says why; the model still trains as before."""
+    b = dict(padded_batch(), output_attentions=True)
+    report = compare(model_of("llama", attn="eager"), b, regional=False)
     assert not report.matched("attention")
     rejected = report.rejected("attention")
-    assert len(rejected) == LAYERS and all('attn_implementation="sdpa"' in r.reason for r in rejected)
-    assert all(r.location.endswith("self_attn") for r in rejected)
+    assert len(rejected) == LAYERS and all("output_attentions" in r.reason for r in rejected), rejected
 
 
 def test_disable():
