@@ -6,6 +6,8 @@ grouped KV heads, causal / sliding-window / key-padding masks and a tanh softcap
     s_ij = softcap * tanh(s_ij / softcap)                          only if softcap > 0 (before masking)
     key j is visible from query i iff  (not causal or j <= i) and (window == 0 or j > i - window)
                                        and key_padding[b, j]       (True = a real key)
+    with a dense mask instead: key j is visible iff mask[b, 0, i, j] (bool), or, for a float (additive) mask,
+    iff mask[b, 0, i, j] > the dtype's minimum (HF's eager masked value), and then s_ij += mask[b, 0, i, j]
     out_i = sum_j softmax_j(s_i) v_j  over the visible keys, in q's dtype;  out_i = 0 where no key is visible
 
 The window is Hugging Face's sliding window: transformers 5.24 `masking_utils` builds it as
