@@ -26,8 +26,10 @@ scores and probabilities feed nothing else (with output_attentions the probabili
 kernel never forms them). Rows that see no key give 0 where HF's eager softmax spreads them evenly over the
 masked keys: those are padding queries, whose outputs no loss reads.
 
-Not matched (reported): attention dropout, float (additive) masks given to SDPA (values not known to be 0 /
--inf: an ALiBi bias would be silently dropped), masks that differ per head, query and key lengths that are not known equal
+A float (additive) mask given to SDPA is taken the same way (its values added, -inf and the dtype's minimum
+hiding the key): an ALiBi-style bias stays exact.
+
+Not matched (reported): attention dropout, masks that differ per head, query and key lengths that are not known equal
 (decoding with a KV cache), head dims above 256, float64 (PyTorch's math is as good) and dtypes that differ.
 Rows that see no key at all (a fully padded query) give 0, as PyTorch's SDPA does since 2.5.
 """
@@ -95,14 +97,12 @@ def _match(node, ctx) -> dict:
         raise Reject("is_causal / enable_gqa are not constants")
     if a["scale"] is not None and not isinstance(a["scale"], (int, float)):
         raise Reject("the scale is not a constant")
-    if mask is not None and value(mask) is not None and value(mask).dtype != torch.bool:
-        raise Reject(f"{value(mask).dtype} (additive) mask: its values are not known to be 0 / -inf (a bias would be "
-                     "dropped); only bool masks are matched")
     k_states, v_states, n_rep, hq, hkv, D = _check_qkv(q, k, v, mask, a["enable_gqa"])
     if mask is not None and a["is_causal"]:
         raise Reject("a mask and is_causal together")
     scale = float(a["scale"]) if a["scale"] is not None else D ** -0.5
-    kind = "causal" if a["is_causal"] else ("bool mask" if mask is not None else "no mask")
+    kind = "causal" if a["is_causal"] else ("no mask" if mask is None else (
+        "bool mask" if value(mask).dtype == torch.bool else f"{value(mask).dtype} (additive) mask"))
     repeats = [n for n in (k, v) if n_rep > 1]
     return dict(node=node, q=q, k=k_states, v=v_states, repeats=repeats, scale=scale, causal=a["is_causal"],
                 softcap=0.0, mask=mask, remove=[],

@@ -1,8 +1,8 @@
 """The attention pass on tiny real HF models (sdpa attention): every SDPA call matched (repeat_kv looked
 through, HF's bool mask taken as it is), loss and gradients equal the unoptimized model's with causal,
 padded, sliding-window and packed masks; eager attention (HF's additive mask, Gemma 2's logit softcap)
-matched the same way; near-misses (dropout, additive masks given to SDPA, per-head masks, a KV cache, eager
-attention whose probabilities are returned) left to PyTorch and reported."""
+matched the same way; near-misses (dropout, per-head masks, a KV cache, eager attention whose probabilities are
+returned) left to PyTorch and reported."""
 import pytest
 import torch
 import torch.nn as nn
@@ -202,7 +202,8 @@ NEAR = {  # variant, mask: (matched, reason of the rejection)
     ("causal", "none"): (1, None),
     ("dropout", "none"): (0, "dropout"),
     ("decode", "none"): (0, "lengths not known equal"),
-    ("plain", "additive"): (0, "additive"),
+    ("plain", "additive"): (1, None),  # an ALiBi-like bias, added by the kernels
+    ("plain", "additive_inf"): (1, None),  # a bool mask as 0 / -inf
     ("plain", "per_head"): (0, "one mask for all heads"),
     ("plain", "2d"): (0, "[B or 1, 1, S, S]"),
 }
@@ -213,6 +214,8 @@ def _mask(kind, B=2, H=4):
         return CAUSAL[None, None].expand(B, 1, S, S) & (torch.rand(B, 1, 1, S) < 0.8)
     if kind == "additive":  # an ALiBi-like bias: dropping it would be wrong
         return -0.1 * (torch.arange(S)[:, None] - torch.arange(S)[None, :]).abs().float()[None, None]
+    if kind == "additive_inf":
+        return torch.zeros(S, S).masked_fill(~CAUSAL, float("-inf"))[None, None]
     if kind == "per_head":
         return torch.rand(B, H, S, S) < 0.7
     if kind == "2d":
