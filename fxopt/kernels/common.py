@@ -163,5 +163,41 @@ if triton is not None:
         near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
         t = tl.where(a < 0.25, near, far)
         return tl.where(u < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+    @triton.jit
+    def act_and_grad(g, ACT: tl.constexpr):
+        """act(g) and act'(g) in fp32 (ACT: 0 silu, 1 gelu with erf, 2 gelu with the tanh approximation)."""
+        if ACT == 0:
+            s = tl.sigmoid(g)
+            a = g * s
+            da = s * (1.0 + g * (1.0 - s))
+        elif ACT == 1:
+            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            a = g * cdf
+            da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+        else:
+            # tanh(z) = 2 sigmoid(2z) - 1: tl has no tanh that both triton 3.6 and the interpreter provide
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            a = 0.5 * g * (1.0 + t)
+            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+        return a, da
 else:
-    tanh = None  # the kernels that call it are not defined either
+    tanh = act_and_grad = None  # the kernels that call them are not defined either
+
+
+# The gated activations of MLPs and MoE experts (transformers' "silu", "gelu", "gelu_pytorch_tanh"); index = the
+# kernels' ACT constexpr.
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def act_and_grad_torch(g: torch.Tensor, activation: str):
+    """act(g) and act'(g): the torch version of `act_and_grad`."""
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * (1 - s))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * 0.3989422804014327 * torch.exp(-0.5 * g * g)
+    t = torch.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))
+    return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * g * g)

@@ -52,31 +52,12 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+from fxopt.kernels.common import ACTIVATIONS, interpreted, launch, new_output, use_triton, with_fallback
+from fxopt.kernels.common import act_and_grad as _act  # noqa: F401  (the kernels call it)
+from fxopt.kernels.common import act_and_grad_torch as _act_torch
 _INTERPRETED = False
 
 if triton is not None:
-
-    @triton.jit
-    def _act(g, ACT: tl.constexpr):
-        """act(g) and act'(g) in fp32 (ACT: 0 silu, 1 gelu with erf, 2 gelu with the tanh approximation)."""
-        if ACT == 0:
-            s = tl.sigmoid(g)
-            a = g * s
-            da = s * (1.0 + g * (1.0 - s))
-        elif ACT == 1:
-            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
-            a = g * cdf
-            da = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
-        else:
-            # tanh(z) = 2 sigmoid(2z) - 1: tl has no tanh that both triton 3.6 and the interpreter provide
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-            a = 0.5 * g * (1.0 + t)
-            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
-        return a, da
 
     @triton.jit
     def _expert_tiles(OFFS, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -356,18 +337,6 @@ def _launch(name: str, grid, args, flags, device) -> None:
     if isinstance(fixed, triton.Config):
         fixed = dict(fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
     launch(kernel, tuned if AUTOTUNE else None, grid, args, flags, fixed, device)
-
-
-def _act_torch(g: Tensor, activation: str):
-    """act(g) and act'(g): the torch version of `_act`."""
-    if activation == "silu":
-        s = torch.sigmoid(g)
-        return g * s, s * (1 + g * (1 - s))
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(g * 0.7071067811865476))
-        return g * cdf, cdf + g * 0.3989422804014327 * torch.exp(-0.5 * g * g)
-    t = torch.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3))
-    return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * 0.7978845608028654 * (1 + 0.134145 * g * g)
 
 
 def _act_ref(g: Tensor, activation: str) -> Tensor:

@@ -1,15 +1,16 @@
-"""Gated MLP: silu(gate) * up feeding a fused LoRA down projection -> fxopt::swiglu_lora_linear.
+"""Gated MLP: act(gate) * up feeding a fused LoRA down projection -> fxopt::swiglu_lora_linear.
 
 Pattern (after the lora pass has fused the LoRA linears):
-    h   = silu(g) * u          (or u * silu(g)); g, u: any tensors of one dtype and shape (here, the outputs of
-                               the fused gate/up LoRA op)
+    h   = act(g) * u           (or u * act(g)); act: silu (SwiGLU: Llama, Qwen, Mistral, ...) or gelu, exact or
+                               with the tanh approximation (GeGLU: Gemma's gelu_pytorch_tanh); g, u: any tensors
+                               of one dtype and shape (here, the outputs of the fused gate/up LoRA op)
     out = fxopt::lora_linear(h, [W], [b?], [A], [B], [s], x_lora=None)[0]
-Rewrite: out = fxopt::swiglu_lora_linear(g, u, W, b, A, B, s)[0]. The op forms h itself and recomputes it in
+Rewrite: out = fxopt::swiglu_lora_linear(g, u, W, b, A, B, s, act)[0]. The op forms h itself and recomputes it in
 the backward instead of saving it (see fxopt/kernels/swiglu.py): one [tokens x intermediate] tensor per layer
 less activation memory.
 
-Reported when the activation product feeds a LoRA down projection but is not matched: a GELU (GeGLU)
-activation (not fused yet), LoRA dropout on the down projection (its dropped input would have to be saved),
+Reported when the activation product feeds a LoRA down projection but is not matched: LoRA dropout on the
+down projection (its dropped input would have to be saved),
 h or silu(g) used elsewhere, gate and up of different dtypes or shapes.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from fxopt.passes.graph_utils import MUL_TARGETS, Reject, is_call, module_path, 
 from fxopt.report import MatchRecord
 
 NAME = "swiglu"
-DESCRIPTION = "silu(gate) * up -> LoRA down projection as fxopt::swiglu_lora_linear (h recomputed, not saved)"
+DESCRIPTION = ("silu / gelu(gate) * up -> LoRA down projection as fxopt::swiglu_lora_linear (h recomputed, not "
+               "saved)")
 SILU_TARGETS = (F.silu, torch.ops.aten.silu.default)
 GELU_TARGETS = (F.gelu, torch.ops.aten.gelu.default)
 
@@ -47,10 +49,7 @@ def _match(op, ctx):
     if found is None or len(weights) != 1:
         return None  # not a gated MLP's down projection: nothing to report
     act, u = found
-    if is_call(act, GELU_TARGETS):
-        raise Reject("GELU-gated MLP (GeGLU): only silu is fused so far")
-    if act.kwargs.get("inplace", False) or len(act.args) != 1:
-        raise Reject("silu with extra arguments")
+    activation = _activation(act)
     g = act.args[0]
     if x_lora is not None:
         raise Reject("LoRA dropout on the down projection: its dropped input would have to be saved")
@@ -68,14 +67,26 @@ def _match(op, ctx):
         raise Reject("the adapter's saved product is read outside the op")
     where = ctx.locate(weights[0], module_path(op, ctx.prefix))
     return dict(op=op, g=g, u=u, w=weights[0], b=bias, a=lora_as[0], bm=lora_bs[0], s=scalings[0], act=act, x=x,
-                users=users, where=where)
+                users=users, where=where, activation=activation)
+
+
+def _activation(act) -> str:
+    """The op's name for the activation call act (silu, gelu, gelu_tanh), or Reject."""
+    if is_call(act, SILU_TARGETS):
+        if act.kwargs.get("inplace", False) or len(act.args) != 1:
+            raise Reject("silu with extra arguments")
+        return "silu"
+    approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
+    if len(act.args) > 2 or set(act.kwargs) - {"approximate"} or approximate not in ("none", "tanh"):
+        raise Reject(f"gelu with arguments {act.args[1:]} {act.kwargs}")
+    return "gelu_tanh" if approximate == "tanh" else "gelu"
 
 
 def _rewrite(gm, m):
     g = gm.graph
     with g.inserting_before(m["op"]):
         new = g.call_function(torch.ops.fxopt.swiglu_lora_linear.default,
-                              (m["g"], m["u"], m["w"], m["b"], m["a"], m["bm"], m["s"]))
+                              (m["g"], m["u"], m["w"], m["b"], m["a"], m["bm"], m["s"], m["activation"]))
         out = g.call_function(operator.getitem, (new, 0))
     # the passes after this one read shapes and dtypes from node metadata: the output is the old one's value
     out.meta.update({k: v for k, v in m["users"][0].meta.items() if k in ("example_value", "val", "nn_module_stack")})
@@ -99,8 +110,9 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
         if m is None:
             continue
         _rewrite(gm, m)
+        act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu (tanh)"}[m["activation"]]
         records.append(MatchRecord(NAME, m["where"], "matched",
-                                   "fxopt::swiglu_lora_linear (h = silu(gate) * up recomputed in backward)",
+                                   f"fxopt::swiglu_lora_linear (h = {act}(gate) * up recomputed in backward)",
                                    ctx.graph_name))
     if any(r.status == "matched" for r in records):
         gm.graph.lint()

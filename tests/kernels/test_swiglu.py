@@ -34,16 +34,22 @@ def make(M, K, N, R, dtype, adapter_dtype, bias, layout, train_base, g, device=D
     return gate, up, w, b, a, bm, leaves
 
 
+def _act64(activation):
+    if activation == "silu":
+        return torch.nn.functional.silu
+    return lambda x: torch.nn.functional.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
 def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguous", train_base=False, seed=0,
-             scaling=0.5, device=DEVICE):
+             scaling=0.5, device=DEVICE, activation="silu"):
     g = torch.Generator().manual_seed(seed)
     adapter_dtype = adapter_dtype or dtype
     gate, up, w, b, a, bm, leaves = make(M, K, N, R, dtype, adapter_dtype, bias, layout, train_base, g, device)
-    out = swiglu_lora_linear_fn(gate, up, w, b, a, bm, scaling)
+    out = swiglu_lora_linear_fn(gate, up, w, b, a, bm, scaling, activation)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     by_id = {id(t): r for t, r in zip(leaves, ref_leaves)}
     ref_args = [by_id.get(id(t), t.detach().double() if t is not None else None) for t in (gate, up, w, b, a, bm)]
-    ref = reference(*ref_args, scaling, h_dtype=dtype, t_dtype=adapter_dtype)  # the op's two roundings
+    ref = reference(*ref_args, scaling, h_dtype=dtype, t_dtype=adapter_dtype, activation=activation)  # its roundings
     tol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (M, N)
     # an output that cancels (a bias against the sum, one output drawn) is known to any implementation in the
@@ -51,7 +57,7 @@ def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguo
     # attention tests do); where nothing cancels, ||ref|| is far above it and the floor changes nothing
     with torch.no_grad():
         g64, u64, w64, a64, bm64 = (t.detach().double() for t in (gate, up, w, a, bm))
-        h = (torch.nn.functional.silu(g64) * u64).abs()
+        h = (_act64(activation)(g64) * u64).abs()
         terms = h @ w64.abs().t() + scaling * (h @ a64.abs().t()) @ bm64.abs().t()
         if b is not None:
             terms = terms + b.detach().double().abs()
@@ -70,22 +76,34 @@ def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguo
 @given(M=st.one_of(st.just(1), st.integers(1, 70)), K=st.one_of(st.sampled_from([1, 16, 33]), st.integers(1, 80)),
        N=st.integers(1, 48), R=st.sampled_from([1, 4, 16, 64]), dtype=st.sampled_from([torch.float32, torch.float16]),
        fp32_adapter=st.booleans(), bias=st.booleans(), layout=st.sampled_from(["contiguous", "sliced"]),
-       train_base=st.booleans(), seed=st.integers(0, 2**16))
-def test_op_matches_reference(M, K, N, R, dtype, fp32_adapter, bias, layout, train_base, seed):
-    run_case(M, K, N, R, dtype, torch.float32 if fp32_adapter else None, bias, layout, train_base, seed)
+       train_base=st.booleans(), seed=st.integers(0, 2**16),
+       activation=st.sampled_from(["silu", "silu", "gelu", "gelu_tanh"]))
+def test_op_matches_reference(M, K, N, R, dtype, fp32_adapter, bias, layout, train_base, seed, activation):
+    run_case(M, K, N, R, dtype, torch.float32 if fp32_adapter else None, bias, layout, train_base, seed,
+             activation=activation)
 
 
-def test_large_activations():
-    """|g| up to 30: sigmoid saturates (its derivative underflows); values stay finite and exact."""
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_geglu(activation, dtype):
+    """GeGLU (Gemma's MLP: gelu with the tanh approximation; BERT-style erf gelu) at a few shapes."""
+    for i, (M, K, N, R) in enumerate([(1, 16, 8, 4), (37, 50, 21, 16), (64, 96, 32, 1)]):
+        run_case(M, K, N, R, dtype, torch.float32, bias=i == 1, layout="sliced" if i else "contiguous", seed=i,
+                 activation=activation)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_large_activations(activation):
+    """|g| up to 30: sigmoid / the gelu's cdf saturate (derivatives underflow); values stay finite and exact."""
     g = torch.Generator().manual_seed(3)
     gate = (torch.randn(5, 40, generator=g) * 30).to(DEVICE)
     up = torch.randn(5, 40, generator=g).to(DEVICE)
-    h = sk.swiglu(gate, up)
-    assert rel(h, torch.nn.functional.silu(gate.double()) * up.double()) < TOL[torch.float32]
+    h = sk.swiglu(gate, up, activation)
+    assert rel(h, _act64(activation)(gate.double()) * up.double()) < TOL[torch.float32]
     dh = torch.randn(5, 40, generator=g).to(DEVICE)
-    dg, du = sk.swiglu_grads(dh, gate, up, torch.empty_like(gate), torch.empty_like(gate))
+    dg, du = sk.swiglu_grads(dh, gate, up, torch.empty_like(gate), torch.empty_like(gate), activation)
     gd, ud = gate.double().requires_grad_(), up.double().requires_grad_()
-    want = torch.autograd.grad(torch.nn.functional.silu(gd) * ud, (gd, ud), dh.double())
+    want = torch.autograd.grad(_act64(activation)(gd) * ud, (gd, ud), dh.double())
     assert rel(dg, want[0]) < TOL[torch.float32] and rel(du, want[1]) < TOL[torch.float32]
 
 
@@ -132,8 +150,8 @@ def test_wrong_backward_is_caught(monkeypatch):
     """The gradient checks can fail: a backward that drops silu's derivative term is caught."""
     real = sk.swiglu_grads
 
-    def wrong(dh, g, u, dg, du):
-        dg, du = real(dh, g, u, dg, du)
+    def wrong(dh, g, u, dg, du, activation="silu"):
+        dg, du = real(dh, g, u, dg, du, activation)
         return du * u / g.clamp_min(1e-3), du
 
     monkeypatch.setattr(sk, "swiglu_grads", wrong)
@@ -144,6 +162,8 @@ def test_wrong_backward_is_caught(monkeypatch):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="must match"):
         sk.swiglu(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sk.swiglu(torch.randn(3, 4), torch.randn(3, 4), "relu")
 
 
 def test_opcheck():
