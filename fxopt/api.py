@@ -39,6 +39,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     if hf_config is not None and getattr(hf_config, "use_cache", None):
         hf_config.use_cache = False
     _room_to_recompile()
+    _experts_in_one_graph(model, config, report)
     found = find_blocks(model) if config.regional else None
     backend = make_backend(config, report, model)
     if found is not None:
@@ -54,6 +55,27 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     model._fxopt_report = report
     model._fxopt_config = config
     return model
+
+
+def _experts_in_one_graph(model: nn.Module, config: OptimizeConfig, report: Report) -> None:
+    """transformers' MoE experts with experts_implementation="eager" run a Python loop over the experts that
+    got tokens (data-dependent indexing: the graph breaks in it, and the moe pass has nothing to match).
+    "grouped_mm" is the same math as one graph, the form the pass matches: switch to it through transformers'
+    own setter, unless the moe pass is disabled; the report says so."""
+    if "moe" in config.disable:
+        return
+    cfg = getattr(model, "config", None)
+    setter = getattr(model, "set_experts_implementation", None)
+    if cfg is None or setter is None or getattr(cfg, "_experts_implementation", None) != "eager":
+        return
+    try:
+        setter("grouped_mm")
+    except Exception as e:  # an older transformers, or a model that cannot take it: the loop stays (reported)
+        report.note(f'experts_implementation "eager" could not be switched to "grouped_mm" ({type(e).__name__}: '
+                    f"{e}): the experts loop is not fused")
+        return
+    report.note('experts_implementation "eager" switched to "grouped_mm" (the same math in one graph, which the moe '
+                'pass fuses; disable=["moe"] keeps the eager loop)')
 
 
 RECOMPILE_LIMIT = 64

@@ -84,10 +84,31 @@ def test_batched_mm_experts_matched():
     assert all("(batched)" in r.reason for r in report.matched("moe"))
 
 
-def test_eager_experts_loop_reported_not_matched():
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_eager_experts_switched_and_matched(family):
+    """experts_implementation="eager" (a loop over the hit experts) is switched to "grouped_mm" (the same math
+    in one graph) and matched; loss and gradients equal the unoptimized eager model's; the report says so."""
+    model = tiny_moe_model(family, experts="eager")
+    report, _ = _compare(model)
+    assert {r.location for r in report.matched("moe")} == {EXPERTS} and not report.rejected("moe")
+    assert model.config._experts_implementation == "grouped_mm"
+    assert any('"eager" switched to "grouped_mm"' in n for n in report.notes)
+
+
+def test_eager_experts_loop_reported_not_matched(monkeypatch):
+    """Where the switch does not happen (here: patched out), the loop is reported with its reason."""
+    import fxopt.api
+
+    monkeypatch.setattr(fxopt.api, "_experts_in_one_graph", lambda *a: None)
     report, _ = _compare(tiny_moe_model("qwen3_moe", experts="eager", train_router=False))
     assert not report.matched("moe")
     assert any('"eager"' in r.reason and "data-dependent" in r.reason for r in report.rejected("moe"))
+
+
+def test_eager_experts_kept_with_the_pass_disabled():
+    model = tiny_moe_model("qwen3_moe", experts="eager", train_router=False)
+    fxopt.optimize(model, inner_backend="aot_eager", disable=["moe"])
+    assert model.config._experts_implementation == "eager"
 
 
 def test_bf16_grouped_mm_matched_and_close():
