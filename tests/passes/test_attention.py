@@ -110,7 +110,7 @@ def test_inductor_all_passes():
     assert report.matched("attention") and report.matched("lora")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "mistral_window"])
 def test_eager_attention_matched_and_equal(family):
     """attn_implementation="eager" (matmul, scale, [softcap], + HF's additive mask, softmax in fp32, matmul):
     one match per layer, the float mask taken as an additive bias, right padding, loss and gradients equal;
