@@ -84,7 +84,7 @@ def test_batched_mm_experts_matched():
     assert all("(batched)" in r.reason for r in report.matched("moe"))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_eager_experts_switched_and_matched(family):
     """experts_implementation="eager" (a loop over the hit experts) is switched to "grouped_mm" (the same math
     in one graph) and matched; loss and gradients equal the unoptimized eager model's; the report says so."""
