@@ -340,26 +340,18 @@ def _match_eager(sm, ctx) -> dict:
     return dict(node=out, q=q, k=k_states, v=v_states, repeats=[x for x in (k, v) if n_rep > 1], scale=scale,
                 causal=False, softcap=softcap, mask=mask, remove=down + up,
                 detail=f"fxopt::flash_attention from eager attention, {kind}, {hq}/{hkv} heads, head dim {D}"
-                       + (f", softcap {softcap:g}" if softcap else "") + (", repeat_kv looked through" if n_rep > 1 else ""))
+                       + (f", softcap {softcap:g}" if softcap else "")
+                       + (", repeat_kv looked through" if n_rep > 1 else ""))
 
 
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
+    eager = [(n, _where(n.args[0], ctx, eager=True), _match_eager) for n in gm.graph.nodes
+             if (is_call(n, SOFTMAX_TARGETS) or is_method(n, "softmax")) and _eager_attention(n)]
+    sdpa = [(n, _where(n, ctx), _match) for n in gm.graph.nodes if is_call(n, SDPA_TARGETS)]
     records = []
-    for node in [n for n in gm.graph.nodes if is_call(n, SOFTMAX_TARGETS) or is_method(n, "softmax")]:
-        if not _eager_attention(node):
-            continue
-        where = _where(node.args[0], ctx, eager=True)
+    for node, where, match in eager + sdpa:
         try:
-            m = _match_eager(node, ctx)
-        except Reject as e:
-            records.append(MatchRecord(NAME, where, "rejected", str(e), ctx.graph_name))
-            continue
-        _rewrite(gm, m)
-        records.append(MatchRecord(NAME, where, "matched", m["detail"], ctx.graph_name))
-    for node in [n for n in gm.graph.nodes if is_call(n, SDPA_TARGETS)]:
-        where = _where(node, ctx)
-        try:
-            m = _match(node, ctx)
+            m = match(node, ctx)
         except Reject as e:
             records.append(MatchRecord(NAME, where, "rejected", str(e), ctx.graph_name))
             continue
