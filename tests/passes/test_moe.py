@@ -293,3 +293,21 @@ def test_bf16_moe_model_on_gpu(experts):
     ref32.config._experts_implementation = "batched_mm"  # torch's grouped_mm takes bf16 only; same math
     report = optimize_and_check_on_gpu(model, eager, ref32)
     assert {r.location for r in report.matched("moe")} == {EXPERTS} and not report.rejected("moe")
+
+
+def test_lora_on_experts_by_target_parameters():
+    """LoRA on the expert weights themselves (PEFT's target_parameters, peft >= 0.17): the experts op takes the
+    adapted weights W + delta as inputs and returns their gradients (its wgrad GEMMs), which autograd carries
+    into the adapters: matched, and every gradient (the experts' LoRA A and B included) equals the unoptimized
+    model's."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES["qwen3_moe"](), experts_implementation="grouped_mm")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=[
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    report, grads = _compare(model)
+    assert report.matched("moe") and not report.rejected("moe"), report.records
+    assert sum("mlp.experts" in n and "lora_" in n for n in grads) == 8  # A and B of both weights, 2 layers
