@@ -131,9 +131,9 @@ def _use_triton(*tensors: Tensor) -> bool:
     return use_triton(_INTERPRETED, *tensors, family=__name__)
 
 
-# Which GEMM runs the op on CUDA: "triton" (the fused kernel above), "cublas" (cuBLAS base GEMM, then the
-# low-rank term added in place into the same buffer by a second cuBLAS call with beta=1), or "auto" (the
-# fused kernel for wide outputs, N >= 4096, where it measured 1.2-2x faster than cuBLAS in isolation).
+# Which GEMM runs the op on CUDA: "triton" (the fused kernel above), "cublas" (the low-rank term by one small
+# cuBLAS GEMM into the output, then the base GEMM accumulating into it with beta=1: _cublas_linear_sum), or
+# "auto" (the fused kernel for wide outputs, N >= 4096, where it measured 1.2-2x faster than cuBLAS alone).
 # Default "cublas": on the dense workload (H100, 2026-11-24) it trained as fast as "auto" (48.4k vs 47.7k
 # tokens/s) with a first step of 8 s instead of 33 s (the Triton autotuning). FXOPT_LORA_GEMM overrides it.
 GEMM = os.environ.get("FXOPT_LORA_GEMM", "cublas")
