@@ -62,8 +62,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import (interpreted, kernel_scope, launch, new_output, on_device, tanh, use_triton,
-                                  with_fallback)
+from fxopt.kernels.common import (interpreted, kernel_scope, launch, new_output, on_device, shared_memory_limit, tanh,
+                                  use_triton, with_fallback)
 
 _INTERPRETED = False
 LOG2E = 1.4426950408889634
@@ -217,8 +217,8 @@ if triton is not None:
     def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
                     stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                    HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """Online softmax over the key blocks [start, end)."""
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start, end, BLOCK_N):
@@ -251,8 +251,8 @@ if triton is not None:
                     stride_pb, stride_ps, stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
                     H, S, GROUP, S_BUCKET, qk_scale, softcap, window, mask_min,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # last query blocks first: under a causal mask they see the most keys (shorter tail at the end)
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
         bh = tl.program_id(1)
@@ -279,16 +279,16 @@ if triton is not None:
         if WINDOW or HAS_MASK:
             acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, full_lo, S, window,
                                         stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                        qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True,
-                                        HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                                        qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                        MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window,
                                     stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                    MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_hi, hi, S, window,
                                     stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                    MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         empty = l_i == 0.0  # no visible key: out 0, lse +inf
         l_safe = tl.where(empty, 1.0, l_i)
         _store_tile(OUT, acc / l_safe[:, None], offs_m, offs_d, S, stride_os, stride_od, HEAD_DIM)
@@ -316,8 +316,8 @@ if triton is not None:
     def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
                    stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
-                   HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         offs_d = tl.arange(0, BLOCK_D)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -348,8 +348,8 @@ if triton is not None:
                    stride_mb, stride_mq, stride_mk, stride_sb, field_stride, n_strips,
                    H, S, GROUP, S_BUCKET, qk_scale, softcap, window, mask_min, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dQ for BLOCK_M query rows of one head (strides g*: of dQ, d*: of dO)."""
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
         bh = tl.program_id(1)
@@ -376,14 +376,17 @@ if triton is not None:
                                                   CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
         if WINDOW or HAS_MASK:
             dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, full_lo, S, window, stride_ks,
-                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
-                            CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                            mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D,
+                            BLOCK_N, PRECISION)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
-                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                        mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False, HEAD_DIM, BLOCK_D,
+                        BLOCK_N, PRECISION)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_hi, hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
-                        CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                        mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D,
+                        BLOCK_N, PRECISION)
         _store_tile(DQ + b * stride_gb + h * stride_gh, dq * scale, offs_m, offs_d, S, stride_gs, stride_gd,
                     HEAD_DIM)
 
@@ -559,8 +562,7 @@ if triton is not None:
             shared memory: one compile fewer in the first step. Up to S = 4096 keep only the first (it won
             every kernel at S 2048 on the H100)."""
             q = nargs.get("Q")
-            limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 0) \
-                if q is not None and q.is_cuda else 0
+            limit = shared_memory_limit(q)
             fits = [c for c in configs[:-1] if limit and _smem_bytes(
                 kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["BLOCK_D"],
                 q.element_size()) <= limit]
@@ -712,7 +714,7 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor):
     if mask.is_floating_point():
         # an additive mask: a tile is visited where any value is above the dtype's minimum (HF's masked value)
         # and needs no mask read where every value is 0 (fields 2, 3, 6, 7 of that summary)
-        seen, zero = _summarise(mask > torch.finfo(mask.dtype).min), _summarise(mask == 0)
+        seen, zero = _summarise(_additive_visible(mask)), _summarise(mask == 0)
         summary = torch.stack([seen[0], seen[1], zero[2], zero[3], seen[4], seen[5], zero[6], zero[7]])
         m = mask
     else:
@@ -743,6 +745,11 @@ def _mask_min(mask: Optional[Tensor]) -> float:
     """The value at or below which an additive mask hides a key: its dtype's minimum, what HF's eager masks
     put there (the kernels read -inf too)."""
     return float(torch.finfo(mask.dtype).min) if mask is not None and mask.is_floating_point() else 0.0
+
+
+def _additive_visible(mask: Tensor) -> Tensor:
+    """Bool: which keys an additive mask lets a query see (values above _mask_min)."""
+    return mask > _mask_min(mask)
 
 
 def _score_scales(scale, softcap):
@@ -785,7 +792,7 @@ def _split_mask(mask: Optional[Tensor]):
     dtype's minimum (HF's masked value) hide the key; a bool mask is returned as it is, without a bias."""
     if mask is None or not mask.is_floating_point():
         return mask, None
-    visible = mask > torch.finfo(mask.dtype).min
+    visible = _additive_visible(mask)
     return visible, mask.masked_fill(~visible, 0.0)
 
 

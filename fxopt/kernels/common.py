@@ -191,6 +191,21 @@ else:
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
+def act_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(g) by PyTorch's own functions: what the references compare `act_and_grad` with."""
+    if activation == "silu":
+        return torch.nn.functional.silu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def shared_memory_limit(t: torch.Tensor | None) -> int:
+    """Bytes of shared memory one program may use on t's GPU (0 off CUDA): what the kernels' tuning-list
+    pruners compare a config's tiles with."""
+    if t is None or not t.is_cuda:
+        return 0
+    return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", 0)
+
+
 def act_and_grad_torch(g: torch.Tensor, activation: str):
     """act(g) and act'(g): the torch version of `act_and_grad`."""
     if activation == "silu":

@@ -147,25 +147,20 @@ def _cublas_linear_sum(out: Tensor, products, lows, bias: Optional[Tensor]) -> T
     whose read of out sits in the epilogue of a compute-bound GEMM. Adding the low-rank term after the base
     GEMM instead costs a memory-bound pass of its own over the output (read + write): 5.6 ms of addmm_ passes
     in the dense workload's forward on the H100 (2026-11-27 trace)."""
-    first = True
     if lows:
         # The low-rank term lands in a half-precision output: rounding its operands (scale folded into t) to
         # that precision first costs about one output rounding (within the bf16 tolerance against fp64).
-        t = torch.cat([(tj if sj == 1.0 else tj * sj).to(out.dtype) for tj, _, sj in lows], 1)
-        lo = torch.cat([loj.to(out.dtype) for _, loj, _ in lows], 0)
-        if bias is not None:
-            torch.addmm(bias.to(out.dtype), t, lo, out=out)
-        else:
-            torch.mm(t, lo, out=out)
-        first = False
-    for x, w in products:
-        if first and bias is not None:
-            torch.addmm(bias.to(out.dtype), x, w, out=out)
-        elif first:
-            torch.mm(x, w, out=out)
-        else:
-            out.addmm_(x, w)
-        first = False
+        first = (torch.cat([(tj if sj == 1.0 else tj * sj).to(out.dtype) for tj, _, sj in lows], 1),
+                 torch.cat([loj.to(out.dtype) for _, loj, _ in lows], 0))
+        rest = products
+    else:
+        first, rest = products[0], products[1:]
+    if bias is not None:
+        torch.addmm(bias.to(out.dtype), *first, out=out)
+    else:
+        torch.mm(*first, out=out)
+    for x, w in rest:
+        out.addmm_(x, w)
     return out
 
 

@@ -52,9 +52,11 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import ACTIVATIONS, interpreted, launch, new_output, use_triton, with_fallback
+from fxopt.kernels.common import (ACTIVATIONS, interpreted, launch, new_output, shared_memory_limit, use_triton,
+                                  with_fallback)
 from fxopt.kernels.common import act_and_grad as _act  # noqa: F401  (the kernels call it)
 from fxopt.kernels.common import act_and_grad_torch as _act_torch
+from fxopt.kernels.common import act_reference as _act_ref
 _INTERPRETED = False
 
 if triton is not None:
@@ -295,13 +297,11 @@ if triton is not None:
     def _pruner(name):
         def prune(configs, nargs, **kwargs):
             want = _PREFERRED[name](kwargs)
-            a = nargs.get("A", nargs.get("X"))
-            limit = getattr(torch.cuda.get_device_properties(a.device), "shared_memory_per_block_optin", 0) \
-                if a is not None and a.is_cuda else 0
+            fits = _smem_bytes(name, *want[:3], want[4], kwargs.get("GATED", False)) <= shared_memory_limit(
+                nargs.get("A", nargs.get("X")))
             keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                           c.num_warps, c.num_stages) == want
-                    and _smem_bytes(name, *want[:3], want[4], kwargs.get("GATED", False)) <= limit]
-            return keep or configs
+                                           c.num_warps, c.num_stages) == want]
+            return keep if fits and keep else configs
         return prune
 
     if not _INTERPRETED:
@@ -337,12 +337,6 @@ def _launch(name: str, grid, args, flags, device) -> None:
     if isinstance(fixed, triton.Config):
         fixed = dict(fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
     launch(kernel, tuned if AUTOTUNE else None, grid, args, flags, fixed, device)
-
-
-def _act_ref(g: Tensor, activation: str) -> Tensor:
-    if activation == "silu":
-        return F.silu(g)
-    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def _use_triton(*tensors: Tensor) -> bool:

@@ -10,14 +10,14 @@ unfused step keeps g, u and h alive until the backward: on the dense workload (8
 bf16) that is 3 x 128 MiB per layer. Here the op saves g and u (which the gate's backward needs anyway) and
 t = h A^T, and recomputes h in the backward (one elementwise pass): 128 MiB per layer less.
 Backward (one op, fxopt::swiglu_lora_linear_backward): h recomputed; dh, dA, dB (and dW, db where they require
-grad) by fxopt::lora_linear_backward; then dg = dh * u * act'(g), du = dh * act(g) in one elementwise kernel that writes dg over dh and du over h, so the MLP's backward
-holds g, u and two more [tokens x intermediate] buffers instead of four.
+grad) by fxopt::lora_linear_backward; then dg = dh * u * act'(g), du = dh * act(g) in one elementwise kernel
+that writes dg over dh and du over h, so the MLP's backward holds g, u and two more [tokens x intermediate]
+buffers instead of four.
 
 Elementwise kernels: Triton on CUDA (and in the interpreter on CPU, how CI tests them); torch math otherwise.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -30,8 +30,8 @@ except ImportError:  # no Triton: the torch math
     triton = None
 
 from fxopt.kernels import lora as _lora
-from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, interpreted, kernel_scope, new_output,
-                                  use_triton, with_fallback)
+from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, act_reference, interpreted,
+                                  kernel_scope, new_output, use_triton, with_fallback)
 
 _INTERPRETED = False
 BLOCK = 1024
@@ -196,9 +196,7 @@ def reference(g, u, weight, bias, lora_a, lora_b, scaling, h_dtype=None, t_dtype
     to g's dtype, then PEFT's LoRA (t = h A^T in the adapter's dtype). With float64 inputs (the tests' truth),
     h_dtype / t_dtype apply those roundings as the op would for inputs of those dtypes."""
     acc = torch.promote_types(g.dtype, torch.float32)
-    act = torch.nn.functional.silu if activation == "silu" else functools.partial(
-        torch.nn.functional.gelu, approximate="tanh" if activation == "gelu_tanh" else "none")
-    h = (act(g.to(acc)) * u.to(acc)).to(h_dtype or g.dtype).to(g.dtype)
+    h = (act_reference(g.to(acc), activation) * u.to(acc)).to(h_dtype or g.dtype).to(g.dtype)
     out = torch.nn.functional.linear(h, weight, bias)
     t = torch.nn.functional.linear(h.to(lora_a.dtype), lora_a).to(t_dtype or lora_a.dtype).to(lora_a.dtype)
     adapter = torch.nn.functional.linear(t, lora_b) * scaling

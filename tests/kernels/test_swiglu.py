@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fxopt.kernels import swiglu as sk
+from fxopt.kernels.common import act_reference
 from fxopt.kernels.swiglu import reference, swiglu_lora_linear_fn
 from tests.kernels.numerics import SPLIT_TOL, TOL, rel
 
@@ -34,12 +35,6 @@ def make(M, K, N, R, dtype, adapter_dtype, bias, layout, train_base, g, device=D
     return gate, up, w, b, a, bm, leaves
 
 
-def _act64(activation):
-    if activation == "silu":
-        return torch.nn.functional.silu
-    return lambda x: torch.nn.functional.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
-
-
 def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguous", train_base=False, seed=0,
              scaling=0.5, device=DEVICE, activation="silu"):
     g = torch.Generator().manual_seed(seed)
@@ -57,7 +52,7 @@ def run_case(M, K, N, R, dtype, adapter_dtype=None, bias=False, layout="contiguo
     # attention tests do); where nothing cancels, ||ref|| is far above it and the floor changes nothing
     with torch.no_grad():
         g64, u64, w64, a64, bm64 = (t.detach().double() for t in (gate, up, w, a, bm))
-        h = (_act64(activation)(g64) * u64).abs()
+        h = (act_reference(g64, activation) * u64).abs()
         terms = h @ w64.abs().t() + scaling * (h @ a64.abs().t()) @ bm64.abs().t()
         if b is not None:
             terms = terms + b.detach().double().abs()
@@ -99,11 +94,11 @@ def test_large_activations(activation):
     gate = (torch.randn(5, 40, generator=g) * 30).to(DEVICE)
     up = torch.randn(5, 40, generator=g).to(DEVICE)
     h = sk.swiglu(gate, up, activation)
-    assert rel(h, _act64(activation)(gate.double()) * up.double()) < TOL[torch.float32]
+    assert rel(h, act_reference(gate.double(), activation) * up.double()) < TOL[torch.float32]
     dh = torch.randn(5, 40, generator=g).to(DEVICE)
     dg, du = sk.swiglu_grads(dh, gate, up, torch.empty_like(gate), torch.empty_like(gate), activation)
     gd, ud = gate.double().requires_grad_(), up.double().requires_grad_()
-    want = torch.autograd.grad(_act64(activation)(gd) * ud, (gd, ud), dh.double())
+    want = torch.autograd.grad(act_reference(gd, activation) * ud, (gd, ud), dh.double())
     assert rel(dg, want[0]) < TOL[torch.float32] and rel(du, want[1]) < TOL[torch.float32]
 
 
