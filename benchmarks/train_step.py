@@ -8,6 +8,8 @@
     fxopt_no_cudagraphs   fxopt.optimize(model, cudagraphs=False)
     fxopt_no_attention    fxopt.optimize(model, disable=["attention"]) (what the attention pass adds)
     fxopt_no_swiglu       fxopt.optimize(model, disable=["swiglu"]) (what the SwiGLU pass adds)
+    fxopt_recompute / fxopt_offload   fxopt.optimize(model, memory=...)
+    fxopt_compute_dtype   fxopt.optimize(model, frozen_fp32="compute_dtype") (qlora: the recipe's fp32 upcast undone)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
 (workload, setup): first-step seconds (includes compilation), then the median of --steps timed steps after
@@ -61,8 +63,11 @@ WORKLOADS = {
     # the dense model saved with save_pretrained, reloaded in 4 bits (nf4, double quant, bf16 compute) and
     # prepared with peft's prepare_model_for_kbit_training: the recipe of BASELINES.md
     "qlora": ("LlamaConfig", DENSE, LORA_ALL, 4, 2048),
+    # the same recipe with prepare_model_for_kbit_training(model, use_gradient_checkpointing=False): as Unsloth's
+    # qlora row runs (no checkpointing), for the fxopt_compute_dtype setup
+    "qlora-nogc": ("LlamaConfig", DENSE, LORA_ALL, 4, 2048),
 }
-QUANTIZED = {"qlora"}
+QUANTIZED = {"qlora", "qlora-nogc"}
 
 # --size tiny: the same architecture, small enough for a CPU smoke test in seconds.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +77,10 @@ TINY_BATCH, TINY_SEQ = 2, 32
 
 NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pass disabled
 MEMORY_SETUPS = ["fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + MEMORY_SETUPS
+# fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
+PRECISION_SETUPS = ["fxopt_compute_dtype"]
+SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + \
+    MEMORY_SETUPS + PRECISION_SETUPS
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -171,7 +179,7 @@ def _reload_4bit(model, args, torch):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa", device_map=device_map)
     model.config.use_cache = False
-    return prepare_model_for_kbit_training(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.workload != "qlora-nogc")
 
 
 def worker(args, res: dict) -> None:
@@ -209,6 +217,8 @@ def worker(args, res: dict) -> None:
         extra = {"disable": (args.setup[len("fxopt_no_"):],)} if args.setup in NO_PASS_SETUPS else {}
         if args.setup in MEMORY_SETUPS:  # fxopt_<policy>: the memory policy's cost and saving
             extra = {"memory": args.setup[len("fxopt_"):]}
+        if args.setup in PRECISION_SETUPS:
+            extra = {"frozen_fp32": "compute_dtype"}
         model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **extra)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -408,6 +418,9 @@ def main():
             worker(args, res)
         except Exception as e:  # OOM or a crash: report it; the driver goes on with the other setups
             res["error"] = f"{type(e).__name__}: {e}"[:2000]
+            import traceback
+
+            traceback.print_exc()  # to stderr: the driver keeps the JSON line; a worker run by hand shows where
         print(json.dumps(res), flush=True)
         return
 

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from fxopt.backend import make_backend
 from fxopt.config import OptimizeConfig
+from fxopt.precision import apply_frozen_fp32
 from fxopt.recompute import in_graph
 from fxopt.regions import compile_blocks, find_blocks
 from fxopt.report import Report
@@ -40,6 +41,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
         hf_config.use_cache = False
     _room_to_recompile()
     _experts_in_one_graph(model, config, report)
+    apply_frozen_fp32(model, config.frozen_fp32, report)
     found = find_blocks(model) if config.regional else None
     backend = make_backend(config, report, model)
     if found is not None:
@@ -67,6 +69,9 @@ def _experts_in_one_graph(model: nn.Module, config: OptimizeConfig, report: Repo
     cfg = getattr(model, "config", None)
     setter = getattr(model, "set_experts_implementation", None)
     if cfg is None or setter is None or getattr(cfg, "_experts_implementation", None) != "eager":
+        return
+    # transformers sets "eager" on dense models too (a 4-bit Llama loaded by from_pretrained): no experts there
+    if not any(name.rsplit(".", 1)[-1] == "experts" for name, _ in model.named_modules()):
         return
     try:
         setter("grouped_mm")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 MEMORY_POLICIES = ("none", "recompute", "offload")
+FROZEN_FP32 = ("keep", "compute_dtype")  # fxopt.precision
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class OptimizeConfig:
                    inside the graph with Inductor, so CUDA graphs stay on),
                    "offload": as "recompute", and those inputs wait in (pinned) CPU memory until the backward
                    (torch.utils.checkpoint under save_on_cpu; CUDA graphs off for the model).
+    frozen_fp32:   a bitsandbytes 4-bit model prepared by peft's prepare_model_for_kbit_training has its other
+                   parameters (norms, embedding, lm_head) upcast to fp32, so the residual stream, attention
+                   and the loss run in fp32 (most of a QLoRA step's time). "keep" (default) computes as the
+                   model is; "compute_dtype" casts the frozen fp32 parameters whose values are exact in the 4-bit
+                   compute dtype (bf16/fp16) back to it, in place: no value changes, activations are then
+                   computed in that dtype as in a bf16 LoRA run (the loss differs at bf16 rounding). Trainable
+                   parameters (the adapters) stay fp32. The report says what was cast.
     """
 
     disable: tuple[str, ...] = field(default_factory=lambda: tuple(
@@ -59,6 +67,7 @@ class OptimizeConfig:
     cudagraphs: bool = True
     deterministic: bool = False
     memory: str = "none"
+    frozen_fp32: str = "keep"
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -79,6 +88,8 @@ class OptimizeConfig:
                 raise TypeError(f"OptimizeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.memory not in MEMORY_POLICIES:
             raise ValueError(f"OptimizeConfig.memory must be one of {MEMORY_POLICIES}, got {self.memory!r}")
+        if self.frozen_fp32 not in FROZEN_FP32:
+            raise ValueError(f"OptimizeConfig.frozen_fp32 must be one of {FROZEN_FP32}, got {self.frozen_fp32!r}")
         if self.memory != "none" and not self.regional:
             raise ValueError(f"OptimizeConfig.memory={self.memory!r} works per decoder block: it needs regional=True")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):

@@ -40,15 +40,16 @@ def checkpoints(tmp_path_factory):
     """family -> a saved tiny fp32 model (random weights, no download)."""
     paths = {}
 
-    def get(family):
-        if family not in paths:
+    def get(family, dtype=torch.float32):
+        key = (family, dtype)
+        if key not in paths:
             torch.manual_seed(0)
             cfg = FAMILIES[family]()
             cfg.intermediate_size = INTERMEDIATE
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-            paths[family] = tmp_path_factory.mktemp(family)
-            model.save_pretrained(paths[family])
-        return paths[family]
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+            paths[key] = tmp_path_factory.mktemp(family)
+            model.save_pretrained(paths[key])
+        return paths[key]
 
     return get
 
@@ -235,6 +236,76 @@ def test_bf16_compute_dtype_on_cpu(checkpoints):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# frozen_fp32: the recipe's fp32 upcast of a bf16 checkpoint, run in the compute dtype
+
+
+def _frozen_fp32(model):
+    """name -> a copy of each frozen fp32 parameter that is not 4-bit (what prepare_model_for_kbit_training upcast)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.dtype == torch.float32 and not p.requires_grad and not hasattr(p, "quant_state")}
+
+
+def test_frozen_fp32_compute_dtype_casts_the_upcast_back(checkpoints, torch_math):
+    # A bf16 checkpoint loaded in 4 bits, the recipe's upcast to fp32, bf16 compute dtype. With
+    # frozen_fp32="compute_dtype" fxopt must equal the same model with those parameters cast to bf16 by hand
+    # (unoptimized), in bf16's accuracy against the fp32 recipe; no parameter value may change.
+    path = checkpoints("llama", torch.bfloat16)
+    model = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    eager = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    ref32 = qlora_model(path, compute_dtype=torch.float32, dtype=torch.bfloat16)
+    before = _frozen_fp32(model)
+    assert {n.split(".")[-2] for n in before} == {"input_layernorm", "post_attention_layernorm", "norm",
+                                                  "embed_tokens", "lm_head"}
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if name in before:
+                p.data = p.data.to(torch.bfloat16)
+    fxopt.optimize(model, inner_backend="aot_eager", frozen_fp32="compute_dtype")
+    params = dict(model.named_parameters())
+    for name, value in before.items():
+        assert params[name].dtype == torch.bfloat16 and torch.equal(params[name].float(), value), name
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)  # the adapters are left alone
+    errs = assert_no_less_accurate(model, eager, ref32, batch(seq=64, bsz=4))
+    print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
+    report = fxopt.report(model)
+    assert any(f"{len(before)} frozen fp32 parameters cast to torch.bfloat16" in n for n in report.notes)
+    fused = _ops(report, "lora_linear_4bit")
+    assert set(fused) == _all_layers() and not any("sum in" in d for d in fused.values())  # bf16 in, bf16 out
+    assert report.matched("attention") and report.matched("rms_norm")  # bf16 stream: the dense passes apply
+    assert not any("experts" in n for n in report.notes)  # a dense model: no MoE switch attempted
+
+
+def test_frozen_fp32_keeps_what_is_not_exact_and_keep_is_the_default(checkpoints, torch_math):
+    path = checkpoints("llama", torch.bfloat16)
+    model = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    norm = model.base_model.model.model.norm.weight
+    with torch.no_grad():
+        norm.add_(1e-4)  # no longer a bf16 value: casting it would change the model
+    fxopt.optimize(model, inner_backend="aot_eager", frozen_fp32="compute_dtype")
+    assert norm.dtype == torch.float32
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    note = next(n for n in fxopt.report(model).notes if n.startswith('frozen_fp32="compute_dtype"'))
+    assert "1 kept in fp32" in note and "model.norm.weight" in note
+
+    kept = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    before = _frozen_fp32(kept)
+    fxopt.optimize(kept, inner_backend="aot_eager")
+    assert _frozen_fp32(kept).keys() == before.keys()  # default "keep": nothing cast
+    assert any("prepare_model_for_kbit_training's upcast" in n for n in fxopt.report(kept).notes)
+
+    fp32_compute = qlora_model(path, compute_dtype=torch.float32, dtype=torch.bfloat16)
+    fxopt.optimize(fp32_compute, inner_backend="aot_eager", frozen_fp32="compute_dtype")
+    assert _frozen_fp32(fp32_compute).keys() == before.keys()  # fp32 compute dtype: nothing to cast to
+    assert any("changed nothing" in n for n in fxopt.report(fp32_compute).notes)
+
+
+def test_frozen_fp32_bad_value():
+    with pytest.raises(ValueError, match="frozen_fp32 must be one of"):
+        fxopt.OptimizeConfig(frozen_fp32="bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the older forward form (dequantize_4bit -> linear / matmul inside the autograd.Function), on hand-made modules
 
 
@@ -341,3 +412,22 @@ def test_qlora_bf16_on_gpu(checkpoints, family):
     report = optimize_and_check_on_gpu(model, eager, ref32)
     assert not report.rejected("qlora")
     assert set(_ops(report, "lora_linear_4bit")) == _all_layers()
+
+
+@pytest.mark.gpu
+def test_frozen_fp32_compute_dtype_on_gpu(checkpoints):
+    """The qlora workload's recipe on the GPU (bf16 checkpoint, upcast, bf16 compute) with frozen_fp32=
+    "compute_dtype" and the default Inductor backend: as accurate as the hand-cast unoptimized model, every
+    4-bit LoRA linear fused, and the dense passes (attention, norms, loss) matched on the bf16 stream."""
+    path = checkpoints("llama", torch.bfloat16)
+    model = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device="cuda")
+    eager = qlora_model(path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device="cuda")
+    ref32 = qlora_model(path, compute_dtype=torch.float32, dtype=torch.bfloat16, device="cuda")
+    names = _frozen_fp32(eager)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if name in names:
+                p.data = p.data.to(torch.bfloat16)
+    report = optimize_and_check_on_gpu(model, eager, ref32, frozen_fp32="compute_dtype")
+    assert set(_ops(report, "lora_linear_4bit")) == _all_layers()
+    assert report.matched("attention") and report.matched("rms_norm") and report.matched("cross_entropy")
