@@ -9,6 +9,7 @@
     fxopt_no_attention    fxopt.optimize(model, disable=["attention"]) (what the attention pass adds)
     fxopt_no_swiglu       fxopt.optimize(model, disable=["swiglu"]) (what the SwiGLU pass adds)
     fxopt_recompute / fxopt_offload   fxopt.optimize(model, memory=...)
+    eager_compute_dtype   HF eager, with what frozen_fp32="compute_dtype" does done by hand (no fxopt)
     fxopt_compute_dtype   fxopt.optimize(model, frozen_fp32="compute_dtype") (qlora: the recipe's fp32 upcast undone)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
@@ -79,7 +80,7 @@ NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pa
 MEMORY_SETUPS = ["fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
 # fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
 PRECISION_SETUPS = ["fxopt_compute_dtype"]
-SETUPS = ["eager", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + \
+SETUPS = ["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + \
     MEMORY_SETUPS + PRECISION_SETUPS
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
@@ -208,6 +209,11 @@ def worker(args, res: dict) -> None:
             res["error"] = f"skipped: {e.name} not installed"
             return
         raise
+    if args.setup == "eager_compute_dtype":  # unoptimized, the frozen fp32 parameters cast to bf16 by hand
+        from fxopt.precision import apply_frozen_fp32
+        from fxopt.report import Report
+
+        apply_frozen_fp32(model, "compute_dtype", Report())
     if args.setup in ("compile", "liger_compile"):
         model = torch.compile(model)
     elif args.setup.startswith("fxopt"):
