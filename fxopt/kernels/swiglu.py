@@ -30,6 +30,7 @@ except ImportError:  # no Triton: the torch math
     triton = None
 
 from fxopt.kernels import lora as _lora
+from fxopt.kernels import nf4 as _nf4
 from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, act_reference, interpreted,
                                   kernel_scope, new_output, use_triton, with_fallback)
 
@@ -205,3 +206,93 @@ def reference(g, u, weight, bias, lora_a, lora_b, scaling, h_dtype=None, t_dtype
 
 def swiglu_lora_linear_fn(g, u, weight, bias, lora_a, lora_b, scaling, activation="silu") -> Tensor:
     return torch.ops.fxopt.swiglu_lora_linear(g, u, weight, bias, lora_a, lora_b, float(scaling), activation)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the same with a bitsandbytes 4-bit down projection (QLoRA): fxopt::lora_linear_4bit in place of lora_linear
+
+
+@torch.library.custom_op("fxopt::swiglu_lora_linear_4bit", mutates_args=())
+@with_fallback
+def swiglu_lora_linear_4bit(g: Tensor, u: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
+                            code2: Optional[Tensor], offset: Optional[Tensor], code: Optional[Tensor],
+                            bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scaling: float, n: int, k: int,
+                            blocksize: int, quant_type: str, activation: str = "silu") -> tuple[Tensor, Tensor]:
+    """(out [..., n], t = h @ A^T [M, R]): fxopt::lora_linear_4bit of h = act(g) * u, h formed here and
+    recomputed in the backward (the quantized weight's arguments as lora_linear_4bit takes them)."""
+    h = swiglu(g, u, activation)
+    return _nf4.lora_linear_4bit(h, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling,
+                                 None, n, k, blocksize, quant_type)
+
+
+@swiglu_lora_linear_4bit.register_fake
+def _(g, u, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, n, k, blocksize,
+      quant_type, activation="silu"):
+    _check(g, u, activation)
+    m = 1
+    for d in g.shape[:-1]:
+        m = m * d
+    return g.new_empty(*g.shape[:-1], n), g.new_empty(m, lora_a.shape[0], dtype=lora_a.dtype)
+
+
+def _setup_4bit(ctx, inputs, output):
+    g, u, *quant, bias, lora_a, lora_b, scaling, n, k, blocksize, quant_type, activation = inputs
+    ctx.save_for_backward(g, u, output[1], *quant, lora_a, lora_b)
+    ctx.meta = (scaling, n, k, blocksize, quant_type, activation, bias is not None)
+    ctx.mark_non_differentiable(output[1])
+
+
+@torch.library.custom_op("fxopt::swiglu_lora_linear_4bit_backward", mutates_args=())
+@with_fallback
+def swiglu_lora_linear_4bit_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: Tensor, qweight: Tensor,
+                                     absmax: Tensor, absmax2: Optional[Tensor], code2: Optional[Tensor],
+                                     offset: Optional[Tensor], code: Optional[Tensor], lora_a: Tensor,
+                                     lora_b: Tensor, scaling: float, n: int, k: int, blocksize: int, quant_type: str,
+                                     need_db: bool, activation: str = "silu") -> list[Tensor]:
+    """[dg, du] + [db if need_db] + [dA, dB]; h recomputed, dg written over dh and du over h (as above)."""
+    _check(g, u, activation)
+    h = swiglu(g, u, activation)
+    flat = _nf4.lora_linear_4bit_backward(grad_out, h, t, qweight, absmax, absmax2, code2, offset, code, lora_a,
+                                          lora_b, scaling, n, k, blocksize, quant_type, h.dtype, False, True, need_db)
+    dh = flat[0].view(g.shape)
+    dg, du = swiglu_grads(dh, g, u, dh, h, activation)
+    return [dg, du] + flat[1:]
+
+
+@swiglu_lora_linear_4bit_backward.register_fake
+def _(grad_out, g, u, t, qweight, absmax, absmax2, code2, offset, code, lora_a, lora_b, scaling, n, k, blocksize,
+      quant_type, need_db, activation="silu"):
+    _check(g, u, activation)
+    out = [torch.empty_like(g, memory_format=torch.contiguous_format),
+           torch.empty_like(u, memory_format=torch.contiguous_format)]
+    out += [g.new_empty(n)] if need_db else []
+    return out + [torch.empty_like(lora_a), torch.empty_like(lora_b)]
+
+
+def _backward_4bit(ctx, grad_out, _grad_t):
+    g, u, t, *quant, lora_a, lora_b = ctx.saved_tensors
+    scaling, n, k, blocksize, quant_type, activation, has_bias = ctx.meta
+    need = ctx.needs_input_grad  # (g, u, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, ...)
+    if grad_out is None:
+        grad_out = torch.zeros(*g.shape[:-1], n, dtype=g.dtype, device=g.device)
+    need_db = bool(need[8]) and has_bias
+    flat = iter(swiglu_lora_linear_4bit_backward(grad_out, g, u, t, *quant, lora_a, lora_b, scaling, n, k,
+                                                 blocksize, quant_type, need_db, activation))
+    dg, du = next(flat), next(flat)
+    db = next(flat) if need_db else None
+    da, dbm = next(flat), next(flat)
+    return ((dg if need[0] else None), (du if need[1] else None), *([None] * 6), db, da, dbm,
+            *([None] * 6))
+
+
+swiglu_lora_linear_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
+
+
+def reference_4bit(g, u, qweight, absmax, absmax2, code2, offset, code, bias, lora_a, lora_b, scaling, n, k,
+                   blocksize, quant_type, activation="silu") -> Tensor:
+    """swiglu_lora_linear_4bit in plain PyTorch: h = act(g) * u in fp32 rounded to g's dtype, then nf4.reference
+    (the weight dequantized by bitsandbytes' rule, PEFT's adapter)."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    h = (act_reference(g.to(acc), activation) * u.to(acc)).to(g.dtype)
+    return _nf4.reference(h, qweight, absmax, absmax2, code2, offset, code, bias, n, k, blocksize, quant_type,
+                          lora_a, lora_b, scaling)

@@ -478,7 +478,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             parse, args = parse_gemm, (node,)
         else:
             continue
-        where = _where(node.args, ctx, module_path(node, ctx.prefix))
+        where = weight_location(node.args, ctx, module_path(node, ctx.prefix))
         try:
             base = parse(*args)
         except Reject as e:
@@ -515,7 +515,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
     return records
 
 
-def _where(args, ctx, fallback):
+def weight_location(args, ctx, fallback):
     """The model path of the first argument that is (a view of) a named parameter: the packed weight (Dynamo
     views the Params4bit as [-1, 1]), for the report."""
     for node in args:

@@ -7,7 +7,8 @@ Pattern (after the lora pass has fused the LoRA linears):
     out = fxopt::lora_linear(h, [W], [b?], [A], [B], [s], x_lora=None)[0]
 Rewrite: out = fxopt::swiglu_lora_linear(g, u, W, b, A, B, s, act)[0]. The op forms h itself and recomputes it in
 the backward instead of saving it (see fxopt/kernels/swiglu.py): one [tokens x intermediate] tensor per layer
-less activation memory.
+less activation memory. A 4-bit down projection (the qlora pass's fxopt::lora_linear_4bit, its sum in the input's
+dtype) becomes fxopt::swiglu_lora_linear_4bit the same way.
 
 Reported when the activation product feeds a LoRA down projection but is not matched: LoRA dropout on the
 down projection (its dropped input would have to be saved),
@@ -24,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.kernels import swiglu as _kernel  # noqa: F401  (registers torch.ops.fxopt.swiglu_lora_linear)
 from fxopt.passes.graph_utils import MUL_TARGETS, Reject, is_call, module_path, value
+from fxopt.passes.qlora import weight_location
 from fxopt.report import MatchRecord
 
 NAME = "swiglu"
@@ -43,16 +45,39 @@ def _activation_product(x):
     return None
 
 
+def _down_projection(op):
+    """(x, x_lora, the parameter node naming the layer, the fused op, its arguments after g and u but before the
+    activation) of a fused LoRA down projection of one output, else None."""
+    if is_call(op, (torch.ops.fxopt.lora_linear.default,)):
+        x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias = op.args
+        if len(weights) != 1:
+            return None
+        bias = biases[0] if has_bias[0] else None
+        return (x, x_lora, weights[0], torch.ops.fxopt.swiglu_lora_linear.default,
+                (weights[0], bias, lora_as[0], lora_bs[0], scalings[0]))
+    # lora_linear_4bit(x, qweight, absmax, absmax2, code2, offset, code, bias, A, B, s, x_lora, n, k, blocksize,
+    # quant_type, out_dtype): a sum widened to out_dtype (the fp32 residual stream of the QLoRA recipe) is not
+    # this op's form (no fused op: reported)
+    args = op.args
+    widened = len(args) > 16 and args[16] is not None
+    return (args[0], args[11], args[1], None if widened else torch.ops.fxopt.swiglu_lora_linear_4bit.default,
+            (*args[1:11], *args[12:16]))
+
+
 def _match(op, ctx):
-    x, weights, biases, lora_as, lora_bs, scalings, x_lora, has_bias = op.args
-    found = _activation_product(x)
-    if found is None or len(weights) != 1:
+    down = _down_projection(op)
+    found = None if down is None else _activation_product(down[0])
+    if found is None:
         return None  # not a gated MLP's down projection: nothing to report
+    x, x_lora, _, fused, operands = down
     act, u = found
     activation = _activation(act)
     g = act.args[0]
     if x_lora is not None:
         raise Reject("LoRA dropout on the down projection: its dropped input would have to be saved")
+    if fused is None:
+        raise Reject("the 4-bit down projection sums in a wider dtype than its input (an fp32 residual stream "
+                     "over a half precision compute dtype)")
     if len(act.users) != 1 or len(x.users) != 1:
         raise Reject("silu(gate) or the gated product is also used elsewhere")
     vg, vu = value(g), value(u)
@@ -61,13 +86,18 @@ def _match(op, ctx):
     if vg.dtype != vu.dtype or vg.dim() != vu.dim() or not all(
             statically_known_true(a == b) for a, b in zip(vg.shape, vu.shape)):
         raise Reject(f"gate {vg.dtype} {tuple(vg.shape)} and up {vu.dtype} {tuple(vu.shape)} differ")
-    bias = biases[0] if has_bias[0] else None
     users = list(op.users)
     if not all(is_call(n, (operator.getitem,)) and n.args[1] == 0 for n in users):
         raise Reject("the adapter's saved product is read outside the op")
-    where = ctx.locate(weights[0], module_path(op, ctx.prefix))
-    return dict(op=op, g=g, u=u, w=weights[0], b=bias, a=lora_as[0], bm=lora_bs[0], s=scalings[0], act=act, x=x,
-                users=users, where=where, activation=activation)
+    where = _location(op, ctx)
+    return dict(op=op, g=g, u=u, fused=fused, operands=operands, act=act, x=x, users=users, where=where,
+                activation=activation)
+
+
+def _location(op, ctx) -> str:
+    """The down projection's model path, from (a view of) its weight's parameter, for the report."""
+    down = _down_projection(op)
+    return weight_location([down[2]] if down else [], ctx, module_path(op, ctx.prefix))
 
 
 def _activation(act) -> str:
@@ -85,8 +115,7 @@ def _activation(act) -> str:
 def _rewrite(gm, m):
     g = gm.graph
     with g.inserting_before(m["op"]):
-        new = g.call_function(torch.ops.fxopt.swiglu_lora_linear.default,
-                              (m["g"], m["u"], m["w"], m["b"], m["a"], m["bm"], m["s"], m["activation"]))
+        new = g.call_function(m["fused"], (m["g"], m["u"], *m["operands"], m["activation"]))
         out = g.call_function(operator.getitem, (new, 0))
     # the passes after this one read shapes and dtypes from node metadata: the output is the old one's value
     out.meta.update({k: v for k, v in m["users"][0].meta.items() if k in ("example_value", "val", "nn_module_stack")})
@@ -101,19 +130,20 @@ def _rewrite(gm, m):
 
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
     records = []
-    for op in [n for n in gm.graph.nodes if is_call(n, (torch.ops.fxopt.lora_linear.default,))]:
+    downs = (torch.ops.fxopt.lora_linear.default, torch.ops.fxopt.lora_linear_4bit.default)
+    for op in [n for n in gm.graph.nodes if is_call(n, downs)]:
         try:
             m = _match(op, ctx)
         except Reject as e:
-            records.append(MatchRecord(NAME, module_path(op, ctx.prefix), "rejected", str(e), ctx.graph_name))
+            records.append(MatchRecord(NAME, _location(op, ctx), "rejected", str(e), ctx.graph_name))
             continue
         if m is None:
             continue
         _rewrite(gm, m)
         act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu (tanh)"}[m["activation"]]
         records.append(MatchRecord(NAME, m["where"], "matched",
-                                   f"fxopt::swiglu_lora_linear (h = {act}(gate) * up recomputed in backward)",
-                                   ctx.graph_name))
+                                   f"{m['fused'].name().removesuffix('.default')} (h = {act}(gate) * up "
+                                   "recomputed in backward)", ctx.graph_name))
     if any(r.status == "matched" for r in records):
         gm.graph.lint()
         gm.recompile()

@@ -11,6 +11,11 @@ from fxopt.kernels.common import act_reference
 from fxopt.kernels.swiglu import reference, swiglu_lora_linear_fn
 from tests.kernels.numerics import SPLIT_TOL, TOL, rel
 
+try:  # the 4-bit form's weights are quantized by bitsandbytes, as in test_nf4
+    from tests.kernels.test_nf4 import bnb_weight, kernel_path, quantize
+except ImportError:
+    bnb_weight = None
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -178,3 +183,76 @@ def test_opcheck():
 def test_bf16_gpu(M):
     run_case(M, 8192 if M == 8192 else 300, 2048 if M == 8192 else 77, 16, torch.bfloat16, torch.float32,
              device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fxopt::swiglu_lora_linear_4bit: the same with a bitsandbytes 4-bit down projection
+
+
+def run_case_4bit(M, K, N, R, dtype, adapter_dtype, bias, layout, quant_type, double, blocksize, path, seed,
+                  activation, scaling=0.5, device=DEVICE):
+    """Forward and every gradient (gate, up, bias, A, B) against float64 truth on bitsandbytes' dequantized
+    weight (tests/kernels/test_nf4.py's bnb_weight), through the kernel path `path` of the 4-bit op."""
+    g = torch.Generator().manual_seed(seed)
+    gate, up, _, b, a, bm, _ = make(M, K, N, R, dtype, adapter_dtype, bias, layout, False, g, device)
+    qweight, state = quantize(N, K, quant_type, blocksize, double, seed, device)
+    leaves = [gate, up] + ([b.requires_grad_()] if b is not None else []) + [a, bm]
+    with kernel_path(path):
+        q = sk._nf4.quant_args(qweight, state)  # (qweight, absmax, absmax2, code2, offset, code, n, k, bs, type)
+        out = torch.ops.fxopt.swiglu_lora_linear_4bit(gate, up, *q[:6], b, a, bm, float(scaling), *q[6:],
+                                                      activation)[0]
+        dy = torch.randn(out.shape, generator=g).to(device=device, dtype=dtype)
+        got = torch.autograd.grad(out, leaves, dy)
+        gemv = sk._nf4._use_triton(gate) and M <= sk._nf4.GEMV_MAX_M and K % blocksize == 0
+    w64 = bnb_weight(qweight, state).double()
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    g64, u64 = ref_leaves[:2]
+    b64 = ref_leaves[2] if b is not None else None
+    a64, bm64 = ref_leaves[-2:]
+
+    def rounded(x, dt):  # the op's rounding of x to dt in the forward value, the gradient passing through
+        return x + (x.to(dt).double() - x).detach()
+
+    h = rounded(act_reference(g64, activation) * u64, dtype)
+    t = rounded(h @ a64.t(), adapter_dtype)
+    # the GEMV path multiplies by the dequantized weight in fp32, the others round it to the dtype first (as
+    # test_nf4 explains); the gradients' truth takes the exact weight
+    w_fwd = w64 if gemv else w64.to(dtype).double()
+    lin = torch.nn.functional.linear
+    ref = lin(h, w64, b64) + scaling * t @ bm64.t()
+    ref_fwd = lin(h.detach(), w_fwd, None if b64 is None else b64.detach()) + scaling * t.detach() @ bm64.detach().t()
+    with torch.no_grad():  # the floor under ||ref|| where an output cancels, as in run_case
+        terms = h.abs() @ w64.abs().t() + scaling * (h.abs() @ a64.abs().t()) @ bm64.abs().t()
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel(out, ref_fwd, 0.1 * terms.norm().item()) < TOL[dtype], "output"
+    want = torch.autograd.grad(ref, ref_leaves, dy.double())
+    for i, (x, y, leaf) in enumerate(zip(got, want, leaves)):
+        assert x.dtype == leaf.dtype and x.shape == leaf.shape, f"gradient {i}"
+        tol = SPLIT_TOL if device == "cuda" and dtype == torch.bfloat16 and leaf.dtype == torch.float32 else \
+            TOL[leaf.dtype]
+        assert rel(x, y) < tol, f"gradient {i}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(M=st.one_of(st.just(1), st.integers(1, 40)), N=st.integers(1, 40), k_blocks=st.integers(1, 2),
+       blocksize=st.sampled_from([32, 64]), R=st.sampled_from([1, 4, 16, 64]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), fp32_adapter=st.booleans(), bias=st.booleans(),
+       layout=st.sampled_from(["contiguous", "sliced"]), quant_type=st.sampled_from(["nf4", "fp4"]),
+       double=st.booleans(), path=st.sampled_from(["gemv", "fused", "dequant"]), seed=st.integers(0, 2**16),
+       activation=st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+def test_4bit_op_matches_reference(M, N, k_blocks, blocksize, R, dtype, fp32_adapter, bias, layout, quant_type,
+                                   double, path, seed, activation):
+    if bnb_weight is None:
+        pytest.skip("bitsandbytes is not installed")
+    run_case_4bit(M, blocksize * k_blocks, N, R, dtype, torch.float32 if fp32_adapter else dtype, bias, layout,
+                  quant_type, double, blocksize, path, seed, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [(1, 128, 64), (37, 192, 100), (512, 2048, 512), (8192, 8192, 2048)])
+def test_4bit_op_bf16_gpu(dims):
+    if bnb_weight is None:
+        pytest.skip("bitsandbytes is not installed")
+    M, K, N = dims
+    for path in ("dequant", "fused") + (("gemv",) if M <= 16 else ()):
+        run_case_4bit(M, K, N, 16, torch.bfloat16, torch.float32, True, "sliced", "nf4", True, 64, path, 0, "silu")

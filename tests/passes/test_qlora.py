@@ -129,7 +129,13 @@ def test_every_4bit_lora_linear_fused(checkpoints, monkeypatch, tmp_path, family
     assert any("torch.ops.bitsandbytes.gemm_4bit" in b for b in before)  # bodies are not in gm.code: bare calls
     assert any("autograd_function_apply" in b for b in before)
     after = [p.read_text() for p in sorted(tmp_path.glob("*.after.py"))]
-    assert [a.count("fxopt.lora_linear_4bit") for a in after if "lora_linear_4bit" in a] == [7, 7]
+    # the down projection, fed by silu(gate) * up, then becomes the SwiGLU op's 4-bit form (h recomputed), except
+    # with LoRA dropout (the dropped input would have to be saved: rejected, reported)
+    fused = 0 if dropout else 1
+    assert [(a.count("fxopt.lora_linear_4bit"), a.count("fxopt.swiglu_lora_linear_4bit"))
+            for a in after if "lora_linear_4bit" in a] == [(7 - fused, fused)] * 2
+    down = ["base_model.model.model.layers.*.mlp.down_proj"]
+    assert [r.location for r in (report.rejected if dropout else report.matched)("swiglu")] == down
     assert not any("autograd_function_apply" in a or "bitsandbytes." in a for a in after)
 
     # no dequantized weight is saved for backward (only activations, the packed bytes and the quant state)
@@ -233,6 +239,7 @@ def test_bf16_compute_dtype_on_cpu(checkpoints):
     # the base result is cast back to fp32 before the adapter is added: the op forms the sum in fp32 (rounded
     # to bf16 it erased small adapter terms, see test_wide_output_keeps_a_small_adapter_term)
     assert all(d.endswith("sum in float32") for d in fused.values())
+    assert "wider dtype" in fxopt.report(model).rejected("swiglu")[0].reason  # the 4-bit SwiGLU op sums in x's
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,6 +280,7 @@ def test_frozen_fp32_compute_dtype_casts_the_upcast_back(checkpoints, torch_math
     fused = _ops(report, "lora_linear_4bit")
     assert set(fused) == _all_layers() and not any("sum in" in d for d in fused.values())  # bf16 in, bf16 out
     assert report.matched("attention") and report.matched("rms_norm")  # bf16 stream: the dense passes apply
+    assert [r.location for r in report.matched("swiglu")] == ["base_model.model.model.layers.*.mlp.down_proj"]
     assert not any("experts" in n for n in report.notes)  # a dense model: no MoE switch attempted
 
 
