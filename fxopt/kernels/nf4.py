@@ -267,9 +267,9 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         X, P, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, T, L, BIAS, OUT,
-        M, N, K, R,
+        M, N, K, R, SPLIT,
         stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on,
-        scale,
+        scale, stride_os,
         BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SUB_K: tl.constexpr, MASK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -280,15 +280,23 @@ if triton is not None:
         weight. BLOCK_K // SUB_K sub-steps are unrolled so that their loads are in flight together. USE_DOT:
         tensor cores (M padded to 16; the table values are rounded to x's dtype and scaled in fp32 after the
         dot, an error of the size of the GEMM path's rounding of the weights); else a broadcast multiply-sum
-        in fp32 on the CUDA cores (few rows)."""
+        in fp32 on the CUDA cores (few rows).
+        Split K: program (i, s) of the grid (cdiv(N, BLOCK_N), SPLIT) sums the s-th of SPLIT equal runs of
+        K-steps into OUT + s * stride_os (an fp32 workspace the caller sums when SPLIT > 1; the LoRA term and
+        the bias go into run 0): without it a weight of N rows gives only N / BLOCK_N programs, too few to keep
+        enough loads in flight to read the weight at HBM speed."""
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT)
+        k_lo = pid_k * steps * BLOCK_K
+        k_hi = tl.minimum(K, k_lo + steps * BLOCK_K)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         load_n = (offs_n % N).to(tl.int64)
         rm = tl.arange(0, BLOCK_M)
         load_m = (rm % M).to(tl.int64)
         jj = tl.arange(0, SUB_K // 2)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for i in tl.static_range(BLOCK_K // SUB_K):
                 ks = k0 + i * SUB_K  # K % SUB_K == 0: a sub-step is wholly inside K or wholly past it
                 k_e = ks + 2 * jj
@@ -307,23 +315,24 @@ if triton is not None:
                                  load_n * 0 + ks < K, DOUBLE_QUANT)
                 acc += part * s[None, :]
 
-        if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                mr = (r0 + rr) < R
-                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
-                            other=0.0)
-                lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
-                             other=0.0)
-                if USE_DOT:
-                    acc = tl.dot((t.to(tl.float32) * scale).to(t.dtype), lo, acc, input_precision=PRECISION)
-                else:
-                    acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo.to(tl.float32)[None, :, :], axis=1)
-
         mask_n = offs_n < N
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
+        if pid_k == 0:
+            if HAS_LORA:
+                rr = tl.arange(0, BLOCK_R)
+                for r0 in range(0, R, BLOCK_R):
+                    mr = (r0 + rr) < R
+                    t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr,
+                                mask=mr[None, :], other=0.0)
+                    lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln,
+                                 mask=mr[:, None], other=0.0)
+                    if USE_DOT:
+                        acc = tl.dot((t.to(tl.float32) * scale).to(t.dtype), lo, acc, input_precision=PRECISION)
+                    else:
+                        acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo.to(tl.float32)[None, :, :],
+                                      axis=1)
+            if HAS_BIAS:
+                acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + pid_k * stride_os + rm[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
 
     _INTERPRETED = interpreted(_fwd_kernel)
@@ -491,6 +500,14 @@ def _dequantized_gemm(m: int) -> bool:
     return m >= DEQUANT_MIN_M
 
 
+def _gemv_split(n: int, k: int, device: torch.device) -> int:
+    """How many runs of K the GEMV splits into: enough programs for ~4 per SM at 32 rows each, at most one run per
+    256 columns (the smallest tuned BLOCK_K; 128 in the interpreter) and 16 runs (the workspace sum stays small next to the weight's read). The interpreter takes an
+    8-SM device, so that CI's small shapes run the split too."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(16, (4 * sms) // triton.cdiv(n, 32), triton.cdiv(k, 256 if device.type == "cuda" else 128)))
+
+
 def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
             bias: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in out_dtype (default x.dtype; lo
@@ -530,11 +547,15 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         use_dot = M > 4  # more rows than that: the CUDA cores' multiply-sum would be compute-bound
         bm = 16 if use_dot else bm
         sub_k = min(q.blocksize, 64)
-        args = (x, *ptrs, t, lo, bias, out, M, N, K, R, *strides)
-        launch(_gemv, _gemv_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args,
+        split = _gemv_split(N, K, x.device)
+        # split: per-run partial sums in an fp32 workspace (every element written), summed below
+        dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        args = (x, *ptrs, t, lo, bias, dest, M, N, K, R, split, *strides[:6], dest.stride(-2), dest.stride(-1),
+                float(scale), dest.stride(0) if split > 1 else 0)
+        launch(_gemv, _gemv_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split), args,
                dict(flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm), dict(BLOCK_N=16, BLOCK_K=2 * sub_k),
                x.device)
-        return out
+        return out if split == 1 else out.copy_(dest.sum(0))
 
     if _dequantized_gemm(M):
         y = (x @ _dequantize_triton(q, x.dtype).t()).to(out.dtype)
