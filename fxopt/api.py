@@ -124,25 +124,38 @@ def report(model: nn.Module) -> Report:
 def explain(model: nn.Module, config: OptimizeConfig | None = None, *, verbose: bool = True, **example_batch) -> Report:
     """Run one forward of `model` on `example_batch` through fxopt's passes (gradients on, no backward, no
     optimizer step), and return
-    (and print) the match report: what matched, where, and why each near-miss was rejected.
+    (and print) the match report: what matched, where, and why each near-miss was rejected. Keywords that are
+    OptimizeConfig fields (e.g. disable=, frozen_fp32=) are options, as for optimize; the rest is the batch.
 
     An optimized model is run as it is; any other model is traced whole with the passes and the cheap
     "eager" inner backend, and is left as it was (not compiled)."""
     _check_model(model, "explain")
+    # options as keywords, as optimize takes them (no model input shares a name with an OptimizeConfig field)
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(OptimizeConfig)}
+    options = {k: example_batch.pop(k) for k in list(example_batch) if k in names}
     if not example_batch:
         raise TypeError("fxopt.explain: pass an example batch as keywords, e.g. explain(model, input_ids=ids)")
     rep = getattr(model, "_fxopt_report", None)
     # Gradients on, as in training: the graph (and so the report) is the one a training step compiles
     # (an eval forward is another graph: e.g. the fused loss keeps real logits there and is not matched).
+    if rep is not None and (options or config is not None):
+        raise ValueError("fxopt.explain: this model was optimized: its options are the ones optimize was given "
+                         f"(got {sorted(options) or 'config'} here); explain it without options")
     with torch.enable_grad():
         if rep is not None:
             model(**example_batch)
         else:
-            import dataclasses
-
-            config = dataclasses.replace(OptimizeConfig.from_kwargs(config), inner_backend="eager", verbose=False)
+            config = dataclasses.replace(OptimizeConfig.from_kwargs(config, **options), inner_backend="eager",
+                                         verbose=False)
             rep = Report()
-            torch.compile(model, backend=make_backend(config, rep, model))(**example_batch)
+            cast = apply_frozen_fp32(model, config.frozen_fp32, rep)  # the graphs optimize would compile ...
+            try:
+                torch.compile(model, backend=make_backend(config, rep, model))(**example_batch)
+            finally:
+                for p, fp32 in cast:  # ... and the model as it was
+                    p.data = fp32
     if verbose:
         print(rep.to_markdown())
     return rep

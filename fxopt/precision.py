@@ -43,11 +43,12 @@ def _gib(params) -> float:
     return sum(p.numel() * p.element_size() for p in params) / 2**30
 
 
-def apply_frozen_fp32(model: nn.Module, policy: str, report) -> None:
+def apply_frozen_fp32(model: nn.Module, policy: str, report) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """policy "keep": leave the parameters; if the recipe's upcast is there, the report says what it costs and
     how to avoid it. "compute_dtype": cast the frozen fp32 parameters that are exact in the compute dtype to it
     (in place: the same Parameter objects, so tied weights stay tied and optimizers built before still hold
-    them); the report says how many and which could not be."""
+    them); the report says how many and which could not be. Returns (parameter, its fp32 data) of each cast
+    one, for a caller that puts them back (fxopt.explain leaves the model as it was)."""
     dtypes = four_bit_compute_dtypes(model)
     params = _frozen_fp32_params(model)
     half = dtypes <= {torch.bfloat16, torch.float16} and len(dtypes) == 1
@@ -56,25 +57,27 @@ def apply_frozen_fp32(model: nn.Module, policy: str, report) -> None:
             why = ("no bitsandbytes 4-bit linear" if not dtypes else "no frozen fp32 parameter" if half else
                    f"the 4-bit linears compute in {', '.join(sorted(str(d) for d in dtypes))}, not one half dtype")
             report.note(f'frozen_fp32="compute_dtype" changed nothing: {why}')
-        return
+        return []
     dtype = next(iter(dtypes))
     if policy == "keep":
-        report.note(f"{len(params)} frozen parameters ({_gib(p for _, p in params):.2f} GiB) are fp32 in a model whose 4-bit "
-                    f"linears compute in {dtype} (prepare_model_for_kbit_training's upcast): the residual stream, "
-                    f"attention and the loss run in fp32. frozen_fp32=\"compute_dtype\" runs them in {dtype} "
-                    "(parameter values unchanged; the loss then differs at bf16 rounding)")
-        return
+        report.note(f"{len(params)} frozen parameters ({_gib(p for _, p in params):.2f} GiB) are fp32 in a model "
+                    f"whose 4-bit linears compute in {dtype} (prepare_model_for_kbit_training's upcast): the residual "
+                    f"stream, attention and the loss run in fp32. frozen_fp32=\"compute_dtype\" runs them in {dtype} "
+                    "(parameter values unchanged; the loss then differs at bf16 rounding; with float16, values past "
+                    "its range overflow where fp32 would not)")
+        return []
     cast, inexact = [], []
     with torch.no_grad():
         for name, p in params:
             low = p.data.to(dtype)
             if torch.equal(low.to(torch.float32), p.data):
+                cast.append((p, p.data))
                 p.data = low
-                cast.append(p)
             else:
                 inexact.append(name)
     text = f"frozen_fp32=\"compute_dtype\": {len(cast)} frozen fp32 parameters cast to {dtype} (values unchanged, " \
-           f"{_gib(cast):.2f} GiB freed)"  # fp32 -> 16 bits frees what is left
+           f"{_gib(p for p, _ in cast):.2f} GiB freed)"  # fp32 -> 16 bits frees what is left
     if inexact:
         text += f"; {len(inexact)} kept in fp32, their values not exact in {dtype} (e.g. {inexact[0]})"
     report.note(text)
+    return cast

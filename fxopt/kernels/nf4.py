@@ -501,9 +501,10 @@ def _dequantized_gemm(m: int) -> bool:
 
 
 def _gemv_split(n: int, k: int, device: torch.device) -> int:
-    """How many runs of K the GEMV splits into: enough programs for ~4 per SM at 32 rows each, at most one run per
-    256 columns (the smallest tuned BLOCK_K; 128 in the interpreter) and 16 runs (the workspace sum stays small next to the weight's read). The interpreter takes an
-    8-SM device, so that CI's small shapes run the split too."""
+    """How many runs of K the GEMV splits into: enough programs for ~4 per SM at 32 rows each, at most one run
+    per 256 columns (the smallest tuned BLOCK_K; 128 in the interpreter) and 16 runs (the workspace sum stays
+    small next to the weight's read). The interpreter takes an 8-SM device, so that CI's small shapes run the
+    split too."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     return max(1, min(16, (4 * sms) // triton.cdiv(n, 32), triton.cdiv(k, 256 if device.type == "cuda" else 128)))
 

@@ -153,6 +153,13 @@ def test_explain_does_not_compile_the_model(capsys):
     assert len(_matched_modules(report)) == 14
     assert "fxopt match report" in capsys.readouterr().out
     assert getattr(model, "_fxopt_report", None) is None
+    # options as keywords go to the config, as optimize takes them; the rest is the batch
+    report = fxopt.explain(model, disable=["lora"], verbose=False, **b)
+    assert not report.matched("lora") and report.matched("attention")
+    # an optimized model is explained as it was optimized: options there are an error, not ignored
+    fxopt.optimize(model, inner_backend="aot_eager")
+    with pytest.raises(ValueError, match="explain it without options"):
+        fxopt.explain(model, disable=["lora"], **b)
 
 
 def test_backend_by_name():

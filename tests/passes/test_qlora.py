@@ -308,6 +308,18 @@ def test_frozen_fp32_keeps_what_is_not_exact_and_keep_is_the_default(checkpoints
     assert any("changed nothing" in n for n in fxopt.report(fp32_compute).notes)
 
 
+def test_explain_with_frozen_fp32_leaves_the_model(checkpoints, torch_math):
+    # explain shows what optimize(frozen_fp32="compute_dtype") would match, and puts the fp32 parameters back
+    model = qlora_model(checkpoints("llama", torch.bfloat16), compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    before = _frozen_fp32(model)
+    report = fxopt.explain(model, frozen_fp32="compute_dtype", verbose=False, **batch())
+    assert any("frozen fp32 parameters cast to torch.bfloat16" in n for n in report.notes)
+    assert {r.location for r in report.matched("swiglu")} == {f"base_model.model.model.layers.{i}.mlp.down_proj"
+                                                              for i in (0, 1)}  # traced whole: one per layer
+    after = _frozen_fp32(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
 def test_frozen_fp32_bad_value():
     with pytest.raises(ValueError, match="frozen_fp32 must be one of"):
         fxopt.OptimizeConfig(frozen_fp32="bf16")
