@@ -559,7 +559,15 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         return out if split == 1 else out.copy_(dest.sum(0))
 
     if _dequantized_gemm(M):
-        y = (x @ _dequantize_triton(q, x.dtype).t()).to(out.dtype)
+        y = x @ _dequantize_triton(q, x.dtype).t()
+        if has_lora and t.dtype == lo.dtype == out.dtype:
+            # the adapter in the output's dtype (the QLoRA recipe's fp32 sum): the base result copied into out,
+            # then one GEMM adding the low-rank term in its epilogue, instead of an [M, N] pass per operation
+            out.copy_(y)
+            if has_bias:
+                out.add_(bias)
+            return out.addmm_(t, lo, alpha=scale)
+        y = y.to(out.dtype)
         if has_lora:  # added in the promoted dtype and rounded once, as PEFT adds its adapter
             y = y + scale * (t @ lo)
         if has_bias:
@@ -739,13 +747,15 @@ def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Ten
     if need_dx:
         low = (None, None) if dropout else (u, lora_a.to(adt))
         result.append(_matmul_dx(dy, q, low[0], low[1], scaling).view(*lead, k))
+    # the scale multiplies the small operand ([M, r]), not a product of the activation's size
+    su = u * scaling
     if dropout:
-        result.append((scaling * (u @ lora_a.to(adt))).to(x_l.dtype).view(x_l.shape))
+        result.append((su @ lora_a.to(adt)).to(x_l.dtype).view(x_l.shape))
     if need_db:
         result.append(dy.sum(0))
     xl = _flat(x_l).to(adt)
-    result.append((scaling * (u.t() @ xl)).to(lora_a.dtype))
-    result.append((scaling * (dy_a.t() @ t)).to(lora_b.dtype))
+    result.append((su.t() @ xl).to(lora_a.dtype))
+    result.append((dy_a.t() @ (t * scaling)).to(lora_b.dtype))
     return result
 
 
