@@ -67,6 +67,11 @@ def _down_projection(op):
 def _match(op, ctx):
     down = _down_projection(op)
     found = None if down is None else _activation_product(down[0])
+    if found is None and down is not None and down[3] is None and _activation_product(down[1]) is not None:
+        # the QLoRA recipe as is: h in fp32, cast down for the 4-bit GEMM, the adapter reading h itself
+        raise Reject("the 4-bit down projection reads the gated product cast to its compute dtype and sums in fp32 "
+                     "(prepare_model_for_kbit_training's fp32 residual stream); frozen_fp32=\"compute_dtype\" runs "
+                     "it in that dtype, where it is fused")
     if found is None:
         return None  # not a gated MLP's down projection: nothing to report
     x, x_lora, _, fused, operands = down

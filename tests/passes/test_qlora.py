@@ -239,8 +239,10 @@ def test_bf16_compute_dtype_on_cpu(checkpoints):
     # the base result is cast back to fp32 before the adapter is added: the op forms the sum in fp32 (rounded
     # to bf16 it erased small adapter terms, see test_wide_output_keeps_a_small_adapter_term)
     assert all(d.endswith("sum in float32") for d in fused.values())
-    # the down projection reads h cast to bf16 (and the adapter h itself): not the SwiGLU op's form
+    # the down projection reads h cast to bf16 (and the adapter h itself): not the SwiGLU op's form; the report
+    # says why and what fuses it
     assert not fxopt.report(model).matched("swiglu")
+    assert 'frozen_fp32="compute_dtype"' in fxopt.report(model).rejected("swiglu")[0].reason
 
 
 # ---------------------------------------------------------------------------------------------------------
