@@ -80,8 +80,8 @@ NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pa
 MEMORY_SETUPS = ["fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
 # fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
 PRECISION_SETUPS = ["fxopt_compute_dtype"]
-SETUPS = ["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"] + NO_PASS_SETUPS + \
-    MEMORY_SETUPS + PRECISION_SETUPS
+SETUPS = (["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"]
+          + NO_PASS_SETUPS + MEMORY_SETUPS + PRECISION_SETUPS)
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,

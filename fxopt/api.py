@@ -70,8 +70,10 @@ def _experts_in_one_graph(model: nn.Module, config: OptimizeConfig, report: Repo
     setter = getattr(model, "set_experts_implementation", None)
     if cfg is None or setter is None or getattr(cfg, "_experts_implementation", None) != "eager":
         return
-    # transformers sets "eager" on dense models too (a 4-bit Llama loaded by from_pretrained): no experts there
-    if not any(name.rsplit(".", 1)[-1] == "experts" for name, _ in model.named_modules()):
+    # transformers sets "eager" on dense models too (a 4-bit Llama loaded by from_pretrained). The modules the
+    # setter switches are the experts classes its use_experts_implementation decorator built (they carry its
+    # layout flags); with none, there is nothing to switch
+    if not any(hasattr(m, "is_concatenated") and hasattr(m, "has_gate") for m in model.modules()):
         return
     try:
         setter("grouped_mm")

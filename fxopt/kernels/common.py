@@ -198,6 +198,12 @@ def act_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: what the kernels size their grids by (splits, persistent
+    programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def shared_memory_limit(t: torch.Tensor | None) -> int:
     """Bytes of shared memory one program may use on t's GPU (0 off CUDA): what the kernels' tuning-list
     pruners compare a config's tiles with."""

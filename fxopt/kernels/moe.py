@@ -52,8 +52,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import (ACTIVATIONS, interpreted, launch, new_output, shared_memory_limit, use_triton,
-                                  with_fallback)
+from fxopt.kernels.common import (ACTIVATIONS, interpreted, launch, new_output, shared_memory_limit, sm_count,
+                                  use_triton, with_fallback)
 from fxopt.kernels.common import act_and_grad as _act  # noqa: F401  (the kernels call it)
 from fxopt.kernels.common import act_and_grad_torch as _act_torch
 from fxopt.kernels.common import act_reference as _act_ref
@@ -355,7 +355,6 @@ def _s_bucket(s: int) -> int:
     return min(triton.next_power_of_2(max(s, 1)), 65536)
 
 
-_NUM_SMS: dict = {}
 
 
 def _max_programs(device) -> int:
@@ -363,9 +362,7 @@ def _max_programs(device) -> int:
     tiles)."""
     if device.type != "cuda":
         return 3
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 * _NUM_SMS[device]
+    return 2 * sm_count(device)
 
 
 def _block_e(e: int) -> int:

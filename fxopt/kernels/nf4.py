@@ -44,7 +44,7 @@ except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
 from fxopt.kernels import lora as lora_kernels
-from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
+from fxopt.kernels.common import interpreted, launch, new_output, sm_count, use_triton, with_fallback
 
 # The two 16-entry tables, as bitsandbytes defines them (tests check they are equal to bnb's get_4bit_type).
 # nf4: quantiles of N(0, 1) scaled to [-1, 1]; fp4: 1 sign bit, 2 exponent bits, 1 mantissa bit, in bit-pattern
@@ -505,7 +505,7 @@ def _gemv_split(n: int, k: int, device: torch.device) -> int:
     per 256 columns (the smallest tuned BLOCK_K; 128 in the interpreter) and 16 runs (the workspace sum stays
     small next to the weight's read). The interpreter takes an 8-SM device, so that CI's small shapes run the
     split too."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = sm_count(device) if device.type == "cuda" else 8
     return max(1, min(16, (4 * sms) // triton.cdiv(n, 32), triton.cdiv(k, 256 if device.type == "cuda" else 128)))
 
 
@@ -692,14 +692,11 @@ def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Option
     q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
     x2 = _flat(x)
     adt = lora_a.dtype
-    x_l = x2 if x_lora is None else _flat(x_lora)
-    if _as_dense_lora(x2, q, out_dtype):
-        t = lora_kernels._adapter_mm(x_l, lora_a.t(), adt)
-        out = _new_output((x2.shape[0], n), x.dtype, x.device)
-        lora_kernels._linear_sum(out, [(x2, _dequantize_triton(q, x.dtype).t())], [(t, lora_b.to(adt).t(), scaling)],
-                                 bias)
-        return out.view(*x.shape[:-1], n), t
-    t = x_l.to(adt) @ lora_a.t()
+    if _as_dense_lora(x2, q, out_dtype):  # the dense LoRA op's forward on the dequantized transient
+        outs, t = lora_kernels._forward(x, [_dequantize_triton(q, x.dtype)], [] if bias is None else [bias],
+                                        [lora_a], [lora_b], [scaling], x_lora, [bias is not None])
+        return outs[0], t
+    t = (x2 if x_lora is None else _flat(x_lora)).to(adt) @ lora_a.t()
     out = _matmul(x2, q, t, lora_b.to(adt).t(), scaling, bias, out_dtype)
     return out.view(*x.shape[:-1], n), t
 
@@ -708,7 +705,7 @@ def _as_dense_lora(x2: Tensor, q: _Quant, out_dtype: Optional[torch.dtype]) -> b
     """Training-sized half precision input, the sum in that dtype (QLoRA on a bf16 residual stream): the weight
     dequantized to a transient, then the dense LoRA op's products (kernels.lora): the adapter's fp32 products
     on tensor cores without an fp32 copy of the activation (_adapter_mm), the low-rank term written first and
-    the base GEMM accumulating into it (_linear_sum). The plain path here (an fp32 copy of x, fp32 GEMMs on
+    the base GEMM accumulating into it (_linear_sum). The plain path below (an fp32 copy of x, fp32 GEMMs on
     CUDA cores, an fp32 [M, N] sum) measured 100 of a 214 ms qlora step on the H100 (2026-11-27 profile)."""
     m = x2.shape[0]
     return (x2.dtype in (torch.bfloat16, torch.float16) and out_dtype in (None, x2.dtype) and _use_triton(x2)
@@ -737,8 +734,12 @@ def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Ten
     q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
     adt = lora_a.dtype
     if grad.dtype == x_dtype and _as_dense_lora(_flat(grad), q, None):
-        return _dense_lora_backward(_flat(grad), x_l, t, q, lora_a, lora_b, scaling, dropout, need_dx, need_db,
-                                    grad.shape[:-1])
+        # the dense LoRA op's backward on the weight dequantized again. It reads its base input x only for dx's
+        # shape and dtype (no dW here): with dropout, where x itself is not saved, a zero-stride stand-in
+        x = torch.empty((), dtype=x_dtype, device=x_l.device).expand(x_l.shape) if dropout else x_l
+        return lora_kernels.lora_linear_backward([grad], x, x_l if dropout else None, t,
+                                                 [_dequantize_triton(q, x_dtype)], [lora_a], [lora_b], [scaling],
+                                                 need_dx, [False], [need_db])
     dy = _flat(grad).to(x_dtype)  # the base path's gradient runs in the base's dtype
     dy_a = _flat(grad).to(adt)  # the adapter's gradients from the output's gradient, in the adapter's dtype
     u = dy_a @ lora_b.to(adt)  # [M, r]
@@ -756,26 +757,6 @@ def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Ten
     xl = _flat(x_l).to(adt)
     result.append((su.t() @ xl).to(lora_a.dtype))
     result.append((dy_a.t() @ (t * scaling)).to(lora_b.dtype))
-    return result
-
-
-def _dense_lora_backward(dy, x_l, t, q, lora_a, lora_b, scaling, dropout, need_dx, need_db, lead) -> list[Tensor]:
-    """lora_linear_4bit_backward on _as_dense_lora's path: the dense LoRA backward's products (kernels.lora) with
-    the weight dequantized again to a transient."""
-    adt = lora_a.dtype
-    u = lora_kernels._adapter_mm(dy, lora_b, adt)  # [M, r]
-    result = []
-    if need_dx:
-        dx = _new_output((dy.shape[0], q.k), dy.dtype, dy.device)
-        lows = [] if dropout else [(u, lora_a.to(adt), scaling)]
-        lora_kernels._linear_sum(dx, [(dy, _dequantize_triton(q, dy.dtype))], lows)
-        result.append(dx.view(*lead, q.k))
-    if dropout:
-        result.append((scaling * lora_kernels._adapter_mm(u, lora_a, adt)).to(x_l.dtype).view(x_l.shape))
-    if need_db:
-        result.append(dy.sum(0))
-    result.append(lora_kernels._adapter_mm(u.t(), _flat(x_l), adt, scaling).to(lora_a.dtype))
-    result.append(lora_kernels._adapter_mm(dy.t(), t, adt, scaling).to(lora_b.dtype))
     return result
 
 

@@ -35,7 +35,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, kernel_scope, new_output, use_triton, with_fallback
+from fxopt.kernels.common import interpreted, kernel_scope, new_output, sm_count, use_triton, with_fallback
 
 _INTERPRETED = False
 # Longest row kept in registers; longer rows are processed in chunks of this size (tests lower it to
@@ -296,7 +296,7 @@ def _programs(m: int, block_m: int, device) -> int:
     if device.type != "cuda":
         return min(tiles, 3)  # interpreter: a few programs, so that one program walks several tiles
     # enough programs to fill the GPU; fewer makes the [programs, N] dweight buffer smaller
-    return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(tiles, 4 * sm_count(device))
 
 
 @torch.library.custom_op("fxopt::rms_norm_backward", mutates_args=())

@@ -21,7 +21,7 @@ try:
 except ImportError:  # no Triton: callers take their torch math
     triton = None
 
-from fxopt.kernels.common import FAILED, interpreted, kernel_scope
+from fxopt.kernels.common import FAILED, interpreted, kernel_scope, sm_count
 
 MAX_R = 256  # widest S the kernel takes (its fp32 accumulator is BLOCK_M x BLOCK_R)
 # The GPU launch configuration by S's padded width (BLOCK_R), the fastest of benchmarks/bench_skinny_mm.py's
@@ -101,7 +101,7 @@ def _splits(m_blocks: int, k: int, block_k: int, device: torch.device) -> int:
     second launch; no atomics, so the result is deterministic)."""
     if device.type != "cuda":
         return 2 if k > block_k else 1  # the interpreter: exercise the split path on small shapes too
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if m_blocks >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, m_blocks), triton.cdiv(k, 8 * block_k)))

@@ -225,6 +225,13 @@ def run_case_4bit(M, K, N, R, dtype, adapter_dtype, bias, layout, quant_type, do
         terms = h.abs() @ w64.abs().t() + scaling * (h.abs() @ a64.abs().t()) @ bm64.abs().t()
     assert out.dtype == dtype and out.shape == (M, N)
     assert rel(out, ref_fwd, 0.1 * terms.norm().item()) < TOL[dtype], "output"
+    if device == "cpu":  # the module's plain-PyTorch reference agrees with the bnb truth too
+        r64 = sk.reference_4bit(*(v.detach().double() for v in (gate, up)), *q[:6],
+                                None if b is None else b.detach().double(), a.detach().double(),
+                                bm.detach().double(), scaling, *q[6:], activation)
+        h64 = (act_reference(g64, activation) * u64).detach()  # no roundings: every input is fp64 here
+        assert rel(r64, lin(h64, w64, None if b64 is None else b64.detach())
+                   + scaling * (h64 @ a64.detach().t()) @ bm64.detach().t()) < 1e-12
     want = torch.autograd.grad(ref, ref_leaves, dy.double())
     for i, (x, y, leaf) in enumerate(zip(got, want, leaves)):
         assert x.dtype == leaf.dtype and x.shape == leaf.shape, f"gradient {i}"

@@ -276,6 +276,9 @@ def test_frozen_fp32_compute_dtype_casts_the_upcast_back(checkpoints, torch_math
         assert params[name].dtype == torch.bfloat16 and torch.equal(params[name].float(), value), name
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)  # the adapters are left alone
+    # 256 tokens: with the default 32, single adapter gradients of the two bf16 models scatter by +-50% around
+    # each other (0.0064 vs 0.0101 for one, the reverse for others; the same with every fxopt pass but qlora
+    # off), so a per-gradient comparison would test the draw, not fxopt
     errs = assert_no_less_accurate(model, eager, ref32, batch(seq=64, bsz=4))
     print("worst (fxopt, eager):", sorted(errs.items(), key=lambda kv: -kv[1][0])[:3])
     report = fxopt.report(model)
