@@ -5,12 +5,13 @@ default), Llama-3.2-1B projection shapes (N, K) in {(2048, 2048) q/o, (512, 2048
 (2048, 8192) down}.
 
 1. Training-sized, M = 8192 tokens (batch 4 x 2048), in TFLOP/s (2 M N K per product) against the ~798 TFLOP/s
-   bf16 ceiling:
-   - fwd  y = x W^T   fxopt::linear_4bit (dequantization inside the GEMM's K-loop) vs what bitsandbytes'
-          MatMul4Bit does in training: dequantize_4bit (a full bf16 copy of W) + F.linear (cuBLAS);
-   - dX   dY W        fxopt::linear_4bit_dx vs dequantize_4bit + matmul;
-   and "dense": F.linear on an already dequantized bf16 W (cuBLAS alone, what neither 4-bit path can beat
-   unless the dequantization is free).
+   bf16 ceiling, forward y = x W^T and dX = dY W:
+   - bnb: what bitsandbytes' MatMul4Bit does in training, dequantize_4bit (a full bf16 copy of W) + cuBLAS;
+   - fxopt: fxopt::linear_4bit / linear_4bit_dx as training calls them (Triton dequantization to a transient
+     + cuBLAS: see nf4._dequantized_gemm);
+   - fxopt_fused: the same ops with the dequantization inside the GEMM's K-loop (FXOPT_NF4_GEMM=fused);
+   - dense: cuBLAS on an already dequantized bf16 W (what no 4-bit path can beat unless dequantization is free);
+   and the dequantization alone (bnb's vs fxopt's Triton kernel) in GB/s.
 2. Decode-sized, M = 1, 2, 4, 8, 16, forward under no_grad, in GB/s of packed weight read (N K / 2 bytes)
    against the ~3000 GB/s of the H100: fxopt::linear_4bit (its GEMV kernel) vs bnb.matmul_4bit (bitsandbytes'
    own small-M kernel, or dequantize + linear where its heuristic prefers that). Timed both with plain launches
@@ -52,9 +53,23 @@ def quantized(n, k, dev="cuda"):
     return qweight, state, BF.dequantize_4bit(qweight, state)  # the last: bnb's dequantized bf16 weight
 
 
+def _fused(fn):
+    """fn run with the fused dequant-in-the-K-loop kernels (fxopt's default at these sizes is dequantize + cuBLAS)."""
+    from fxopt.kernels import nf4
+
+    def run():
+        saved, nf4.DEQUANT_MIN_M = nf4.DEQUANT_MIN_M, 1 << 62
+        try:
+            return fn()
+        finally:
+            nf4.DEQUANT_MIN_M = saved
+    return run
+
+
 def bench_train(name, n, k, do_bench):
     import bitsandbytes.functional as BF
 
+    from fxopt.kernels import nf4
     from fxopt.kernels.nf4 import quant_args
 
     qweight, state, w = quantized(n, k)
@@ -63,15 +78,31 @@ def bench_train(name, n, k, do_bench):
     dy = torch.randn(M_TRAIN, n, device="cuda", dtype=torch.bfloat16)
     ref_y = x.float() @ w.float().t()
     ref_dx = dy.float() @ w.float()
+    fx_fwd = lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])  # noqa: E731
+    fx_dx = lambda: torch.ops.fxopt.linear_4bit_dx(dy, *args)  # noqa: E731
     impls = {
         "bnb": (lambda: F.linear(x, BF.dequantize_4bit(qweight, state).to(x.dtype)),
                 lambda: dy @ BF.dequantize_4bit(qweight, state).to(dy.dtype)),
-        "fxopt": (lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:]),
-                  lambda: torch.ops.fxopt.linear_4bit_dx(dy, *args)),
+        "fxopt": (fx_fwd, fx_dx),
+        "fxopt_fused": (_fused(fx_fwd), _fused(fx_dx)),
         "dense": (lambda: F.linear(x, w), lambda: dy @ w),
     }
     flop = 2 * M_TRAIN * n * k
     rows = []
+    # the dequantization alone: packed bytes read + bf16 written, GB/s
+    q = nf4._quant(*args)
+    moved = n * k / 2 + 2 * n * k
+    for impl, fn in (("bnb", lambda: BF.dequantize_4bit(qweight, state)),
+                     ("fxopt", lambda: nf4._dequantize_triton(q, torch.bfloat16))):
+        row = dict(part="dequant", shape=name, N=n, K=k, impl=impl)
+        try:
+            row["rel_err"] = rel_err(fn().float(), w.float())
+            row["us"] = 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row["gbs"] = moved / (row["us"] * 1e-6) / 1e9
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:1000]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     for impl, (fwd, dx) in impls.items():
         row = dict(part="train", shape=name, N=n, K=k, M=M_TRAIN, impl=impl, gflop=flop / 1e9)
         try:
@@ -84,10 +115,11 @@ def bench_train(name, n, k, do_bench):
             row["error"] = f"{type(e).__name__}: {e}"[:1000]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    by = {r["impl"]: r for r in rows}
-    if all("error" not in by[i] for i in ("bnb", "fxopt")):
-        by["fxopt"]["speedup_fwd"] = by["bnb"]["fwd_ms"] / by["fxopt"]["fwd_ms"]
-        by["fxopt"]["speedup_dx"] = by["bnb"]["dx_ms"] / by["fxopt"]["dx_ms"]
+    by = {r["impl"]: r for r in rows if r["part"] == "train"}
+    for impl in ("fxopt", "fxopt_fused"):
+        if all("error" not in by[i] for i in ("bnb", impl)):
+            by[impl]["speedup_fwd"] = by["bnb"]["fwd_ms"] / by[impl]["fwd_ms"]
+            by[impl]["speedup_dx"] = by["bnb"]["dx_ms"] / by[impl]["dx_ms"]
     return rows
 
 
@@ -141,7 +173,9 @@ def tables(rows, gpu) -> str:
     train = [r for r in rows if r["part"] == "train"]
     if train:
         lines += [f"Training-sized, M={M_TRAIN}: TFLOP/s (% of the {CEILING_TFLOPS:.0f} TFLOP/s bf16 ceiling). bnb = "
-                  "dequantize_4bit + cuBLAS; dense = cuBLAS on a bf16 weight (no 4-bit). rel err vs fp32.", "",
+                  "dequantize_4bit + cuBLAS; fxopt = what training runs (Triton dequantization to a transient + "
+                  "cuBLAS); fxopt_fused = the dequant-in-the-K-loop kernels; dense = cuBLAS on a bf16 weight (no "
+                  "4-bit). rel err vs fp32.", "",
                   "| shape (N x K) | impl | fwd ms | fwd TFLOP/s | dX ms | dX TFLOP/s | speedup vs bnb fwd / dX "
                   "| rel err out / dX |", "|---|---|---|---|---|---|---|---|"]
         for r in train:
@@ -153,6 +187,19 @@ def tables(rows, gpu) -> str:
             lines.append(f"| {label} | {r['impl']} | {r['fwd_ms']:.3f} | {_cell(r, 'fwd_tflops', '.0f', CEILING_TFLOPS)} "
                          f"| {r['dx_ms']:.3f} | {_cell(r, 'dx_tflops', '.0f', CEILING_TFLOPS)} | {speed} "
                          f"| {r['rel_err_out']:.1e} / {r['rel_err_dx']:.1e} |")
+        lines.append("")
+    deq = [r for r in rows if r["part"] == "dequant"]
+    if deq:
+        lines += ["Dequantization alone (packed bytes read + bf16 weight written), GB/s (% of "
+                  f"{CEILING_GBS:.0f} GB/s):", "", "| shape (N x K) | impl | us | GB/s | rel err vs bnb |",
+                  "|---|---|---|---|---|"]
+        for r in deq:
+            label = f"{r['shape']} ({r['N']} x {r['K']})"
+            if "error" in r:
+                lines.append(f"| {label} | {r['impl']} | {_err(r)} | | |")
+                continue
+            lines.append(f"| {label} | {r['impl']} | {r['us']:.1f} | {_cell(r, 'gbs', '.0f', CEILING_GBS)} "
+                         f"| {r['rel_err']:.1e} |")
         lines.append("")
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:

@@ -248,7 +248,8 @@ def worker(args, res: dict) -> None:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # peak of the training steps (weights included), as BASELINES
-    losses, first_s, times = timed_steps(step, sync, args.warmup, args.steps)
+    first = _profiled(args, step, torch) if args.profile_compile else step
+    losses, first_s, times = timed_steps(step, sync, args.warmup, args.steps, first=first)
     if args.profile:
         _profile_step(args, step, torch)
     losses = [x.item() for x in losses]  # .item() only now: a sync inside the timed loop would cost time
@@ -275,12 +276,12 @@ def worker(args, res: dict) -> None:
             res["fxopt_report"] = f"unavailable: {type(e).__name__}: {e}"
 
 
-def timed_steps(step, sync, warmup: int, steps: int):
-    """(losses of every step, first step s, the timed steps' s): one first step (compilation included), warmup
-    untimed steps, then `steps` steps each timed between device syncs."""
+def timed_steps(step, sync, warmup: int, steps: int, first=None):
+    """(losses of every step, first step s, the timed steps' s): one first step (compilation included; run by
+    `first` when given), warmup untimed steps, then `steps` steps each timed between device syncs."""
     sync()
     t0 = time.perf_counter()
-    losses = [step()]
+    losses = [(first or step)()]
     sync()
     first_s = time.perf_counter() - t0
     for _ in range(warmup):
@@ -293,6 +294,35 @@ def timed_steps(step, sync, warmup: int, steps: int):
         sync()
         times.append(time.perf_counter() - t0)
     return losses, first_s, times
+
+
+def _profiled(args, step, torch):
+    """The first step under cProfile (host time: where compilation goes), written with Dynamo's phase times."""
+    import cProfile
+    import io
+    import pstats
+
+    def first():
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            return step()
+        finally:
+            prof.disable()
+            os.makedirs(args.profile_compile, exist_ok=True)
+            buf = io.StringIO()
+            for key in ("cumulative", "tottime"):
+                pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(60)
+            try:
+                from torch._dynamo.utils import compile_times
+
+                buf.write("\n" + compile_times(repr="str", aggregate=True))
+            except Exception as e:  # a private helper: its absence must not lose the measurement
+                buf.write(f"\ncompile_times unavailable: {e}")
+            with open(os.path.join(args.profile_compile, f"{args.workload}-{args.setup}-first-step.txt"), "w") as f:
+                f.write(buf.getvalue())
+
+    return first
 
 
 def _profile_step(args, step, torch):
@@ -328,6 +358,8 @@ def run_one(args, workload, setup) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--size", args.size]
     if args.profile:
         cmd += ["--profile", args.profile]
+    if args.profile_compile:
+        cmd += ["--profile-compile", args.profile_compile]
     # The repository first on the path, so `import fxopt` is this checkout even when not installed; the
     # caller's PYTHONPATH (e.g. /tmp/site holding liger-kernel) stays behind it.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
@@ -413,6 +445,8 @@ def main():
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per (workload, setup) process")
     p.add_argument("--profile", default="", help="directory: also profile one step per setup (top kernels)")
+    p.add_argument("--profile-compile", default="",
+                   help="directory: run the first step under cProfile (where compilation time goes; slows it)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--setup", help=argparse.SUPPRESS)
