@@ -9,6 +9,7 @@ import copy
 import functools
 import itertools
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,9 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
             n and n.startswith(report.blocks[0] + ".") for n in ctx.tensor_names.values())
         if block_graph:
             report.block_graphs += 1  # a graph of the repeated block (its parameters are inputs)
+            for r in records:  # a match named by its module stack (no parameter of its own, e.g. a LayerNorm
+                # without affine): the traced block is the call's first argument
+                r.location = re.sub(r"^args\.0(?=\.|$)", report.blocks[0] + ".*", r.location)
         report.add(records)
         if dump_dir:
             _dump(dump_dir, graph_name, before, gm.code, records)

@@ -198,12 +198,16 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _blocks(n: int):
-    """(BLOCK_M, BLOCK_N, ONE_TILE, num_warps) for rows of n columns."""
-    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
-    block_m = max(1, min(64, TILE // block_n))
+def block_shape(n: int, max_block_n: int, tile: int):
+    """(BLOCK_M, BLOCK_N, ONE_TILE, num_warps) for rows of n columns (also layer_norm's)."""
+    block_n = min(triton.next_power_of_2(n), max_block_n)
+    block_m = max(1, min(64, tile // block_n))
     warps = min(16, max(4, block_m * block_n // 512))
     return block_m, block_n, n <= block_n, warps
+
+
+def _blocks(n: int):
+    return block_shape(n, MAX_BLOCK_N, TILE)
 
 
 def _out_dtype(x: Tensor, weight: Tensor, cast_then_scale: bool) -> torch.dtype:

@@ -3,10 +3,13 @@
 
 Pattern (a causal-LM head and HF's loss function, as Dynamo captures them, after canonicalize):
     z = linear(h, W[, b])                              the lm_head; z may also be returned (outputs.logits)
+    z = z * s | z / s                                  optional constant logit scale (Cohere, Granite)
     z = (tanh(z / c) * c)?                             optional final-logit softcap (Gemma 2)
     loss = cross_entropy(z.float().view(-1, V), target, ignore_index=i, reduction="mean" | "sum")
 Rewrite: loss_sum = fxopt::linear_cross_entropy(h.reshape(-1, H), W, b, target, i, c, need_grads)[0], then
 / count(target != i) for "mean" ("sum" is divided by num_items_in_batch by the graph after it, unchanged).
+A logit scale s multiplies h instead: (h s) W^T = s (h W^T) for a head without bias (a head with a bias and a
+scale is not matched); the [N, H] input is scaled, not the [N, V] logits.
 If z is also a graph output and gradients are on (training), that output becomes an empty [B, 0, V] tensor
 unless config.keep_logits, in which case nothing is matched. Without gradients (eval) z stays real and
 nothing is matched when it is returned. Not matched: class weights, label smoothing, reduction "none",
@@ -68,6 +71,21 @@ def _softcap(node):
     return None
 
 
+def _scale(node):
+    """If node is `z * s`, `s * z` or `z / s` for a constant number s, return (z, s as a multiplier, [node])."""
+    if not is_call(node, (operator.mul, torch.mul) + DIV_TARGETS) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    number = (int, float)
+    if is_call(node, DIV_TARGETS):
+        ok = isinstance(a, fx.Node) and isinstance(b, number) and not isinstance(b, bool) and b != 0
+        return (a, 1.0 / float(b), [node]) if ok else None
+    z, s = (a, b) if isinstance(b, number) else (b, a)
+    if not isinstance(z, fx.Node) or not isinstance(s, number) or isinstance(s, bool):
+        return None
+    return z, float(s), [node]
+
+
 def _match(ce, ctx):
     inp, target, ignore, reduction = _ce_options(ce)
     chain = []  # nodes between the loss input and the logits, which must feed nothing else
@@ -86,10 +104,17 @@ def _match(ce, ctx):
     capped = _softcap(logits)
     if capped is not None:
         node, softcap, head_chain = capped
+    scale = 1.0
+    scaled = _scale(node)
+    if scaled is not None and is_call(scaled[0], LINEAR_TARGETS):
+        node, scale, chain_s = scaled
+        head_chain = chain_s + head_chain
     if not is_call(node, LINEAR_TARGETS):
         raise Reject("the loss input does not come from a linear (lm_head)")
     linear = node
     h, w, b = linear_args(linear)
+    if scale != 1.0 and b is not None:
+        raise Reject("a logit scale over a head with a bias: not supported")
     vi, vw, vh, vt = value(inp), value(w), value(h), value(target)
     if vi is None or vw is None or vh is None or vt is None:
         raise Reject("no example values on the graph")
@@ -121,7 +146,7 @@ def _match(ce, ctx):
         raise Reject("the logits are returned and config.keep_logits is set: left unfused")
     where = ctx.locate(w, module_path(linear, ctx.prefix))
     return dict(ce=ce, linear=linear, h=h, w=w, b=b, target=target, ignore=ignore, reduction=reduction,
-                softcap=softcap, need_grads=need_grads, returned=returned, dead=seq, H=H, V=V, where=where)
+                softcap=softcap, scale=scale, need_grads=need_grads, returned=returned, dead=seq, H=H, V=V, where=where)
 
 
 def _rewrite(gm, m):
@@ -129,6 +154,8 @@ def _rewrite(gm, m):
     ce, h = m["ce"], m["h"]
     with g.inserting_before(ce):
         x2 = g.call_method("reshape", (h, -1, m["H"]))
+        if m["scale"] != 1.0:  # s (h W^T) as (s h) W^T: the scale on the [N, H] input, not the [N, V] logits
+            x2 = g.call_function(operator.mul, (x2, m["scale"]))
         op = g.call_function(torch.ops.fxopt.linear_cross_entropy.default,
                              (x2, m["w"], m["b"], m["target"], m["ignore"], m["softcap"], m["need_grads"]))
         loss = g.call_function(operator.getitem, (op, 0))
@@ -160,6 +187,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             continue
         _rewrite(gm, m)
         detail = (f"fxopt::linear_cross_entropy, vocab={m['V']}, reduction={m['reduction']}"
+                  + (f", logit scale={m['scale']:g}" if m["scale"] != 1.0 else "")
                   + (f", softcap={m['softcap']:g}" if m["softcap"] else "")
                   + (", returned logits replaced by an empty tensor" if m["returned"] else ""))
         records.append(MatchRecord(NAME, m["where"], "matched", detail, ctx.graph_name))

@@ -13,6 +13,7 @@ LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 DROPOUT_TARGETS = (torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default)
 MUL_TARGETS = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 ADD_TARGETS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+SUB_TARGETS = (operator.sub, torch.sub, torch.ops.aten.sub.Tensor)
 
 
 class Reject(Exception):

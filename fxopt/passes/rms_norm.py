@@ -31,7 +31,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxopt.passes.graph_utils import (
-    FLOATS, ADD_TARGETS, MUL_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, static_int, value)
+    FLOATS, ADD_TARGETS, MUL_TARGETS, SUB_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, static_int,
+    value)
 from fxopt.report import MatchRecord
 
 NAME = "rms_norm"
@@ -148,7 +149,7 @@ def _final_cast(node, dtype):
     return None
 
 
-def _residual_add(xin):
+def residual_add(xin):
     """(a, b) when xin = a + b is a plain add of two tensors of the same shape and dtype, else None."""
     if not is_call(xin, ADD_TARGETS) or len(xin.args) != 2 or xin.kwargs:
         return None
@@ -234,7 +235,7 @@ def match_at(mean: fx.Node, ctx) -> NormMatch:
         cast_then_scale = True  # all fp32: the two orders are the same computation; name it as written
     _guard(xin, weight, out, offset, cast_then_scale)
 
-    add_ops = _residual_add(xin)
+    add_ops = residual_add(xin)
     x, residual, add = (xin, None, None) if add_ops is None else (add_ops[0], add_ops[1], xin)
     return NormMatch(x, residual, add, weight, float(eps), offset, cast_then_scale, out, absorbed + consumed,
                      ctx.locate(weight, module_path(mean, ctx.prefix)))
@@ -259,12 +260,16 @@ def _guard(xin, weight, out, offset, cast_then_scale):
         raise Reject(f"output {ov.dtype} of rank {ov.dim()} where the op gives {want} of rank {xv.dim()}")
 
 
-def _rewrite(gm, m: NormMatch, order):
+def rewrite_norm(gm, m, order, op, make_args, operands, stats: int):
+    """Replace a matched norm (m: x, residual, add, out, consumed) by `op`(*make_args(x, residual)), which returns
+    [out] (+ [s] when the residual add is folded) + `stats` fp32 per-row values for its backward. `operands`:
+    the op's other graph inputs (weight, bias), so that it goes after them. Also layer_norm's rewrite.
+    Returns (whether the add was folded, the erased nodes)."""
     graph = gm.graph
-    # the op goes where the pattern first read its input (or after a weight computed later), so that it
+    # the op goes where the pattern first read its input (or after an operand computed later), so that it
     # reads the values the pattern read
     first = min(m.consumed, key=order.__getitem__).prev
-    inputs = [t for t in (m.x, m.residual, m.weight, first) if isinstance(t, fx.Node)]
+    inputs = [t for t in (m.x, m.residual, *operands, first) if isinstance(t, fx.Node)]
     anchor = max(inputs, key=order.__getitem__)
     add = m.add
     if add is not None:
@@ -276,17 +281,17 @@ def _rewrite(gm, m: NormMatch, order):
             add = None
     x, residual = (m.x, m.residual) if add is not None else (m.add or m.x, None)
     with graph.inserting_after(anchor):
-        op = graph.call_function(torch.ops.fxopt.rms_norm.default,
-                                 (x, m.weight, residual, m.eps, m.offset, m.cast_then_scale))
-    op.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        node = graph.call_function(op, make_args(x, residual))
+    node.meta.update({k: v for k, v in m.out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
     results = [m.out] + ([add] if add is not None else [])
     vals = [value(r) for r in results]
-    op.meta["example_value"] = vals + [vals[0].new_empty(vals[0].shape[:-1], dtype=torch.float32)]
-    prev = op
+    node.meta["example_value"] = vals + [vals[0].new_empty(vals[0].shape[:-1], dtype=torch.float32)
+                                         for _ in range(stats)]
+    prev = node
     items = []
     for i, r in enumerate(results):
         with graph.inserting_after(prev):
-            item = graph.call_function(operator.getitem, (op, i))
+            item = graph.call_function(operator.getitem, (node, i))
         item.meta.update(r.meta)
         items.append(item)
         prev = item
@@ -303,6 +308,19 @@ def _rewrite(gm, m: NormMatch, order):
     return add is not None, erased
 
 
+def _rewrite(gm, m: NormMatch, order):
+    return rewrite_norm(gm, m, order, torch.ops.fxopt.rms_norm.default,
+                        lambda x, residual: (x, m.weight, residual, m.eps, m.offset, m.cast_then_scale),
+                        [m.weight], stats=1)
+
+
+def _is_deviation(sq) -> bool:
+    """Whether sq squares h - mean(h) (also layer_norm.deviation's test)."""
+    d = _square_input(sq)
+    return ((is_call(d, SUB_TARGETS) or is_method(d, "sub")) and len(d.args) == 2
+            and _call(d.args[1], MEAN_TARGETS, "mean") and bool(d.args[1].args) and d.args[1].args[0] is d.args[0])
+
+
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
     from fxopt.kernels import rms_norm as _rms_kernels  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
 
@@ -313,6 +331,8 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             continue
         if _square_input(mean.args[0]) is None:
             continue  # not a mean of squares: nothing RMSNorm-like to report
+        if _is_deviation(mean.args[0]):
+            continue  # the square of x - mean(x): a LayerNorm's variance (the layer_norm pass's)
         try:
             m = match_at(mean, ctx)
         except Reject as e:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fxopt.kernels import attention, cross_entropy, lora, moe, nf4, rms_norm, swiglu
+from fxopt.kernels import attention, cross_entropy, layer_norm, lora, moe, nf4, rms_norm, swiglu
 
-KERNEL_MODULES = (attention, cross_entropy, lora, moe, nf4, rms_norm, swiglu)
+KERNEL_MODULES = (attention, cross_entropy, layer_norm, lora, moe, nf4, rms_norm, swiglu)
 
 
 def _nan_output(shape, dtype, device):
