@@ -113,6 +113,20 @@ def autocast_dtype(x: fx.Node):
     return torch.get_autocast_dtype(xv.device.type)
 
 
+def _separate_bias(r):
+    """(linear(x, W), the add) when r = linear(x, W) + b for a 1-D b of the linear's dtype and output width (the
+    op adds it in its epilogue, rounding once where the graph rounds the product and then the sum), else None."""
+    if not is_call(r, ADD_TARGETS) or len(r.args) != 2 or r.kwargs:
+        return None
+    for lin, b in (r.args, r.args[::-1]):
+        if is_call(lin, LINEAR_TARGETS) and linear_args(lin)[2] is None and len(lin.users) == 1:
+            lv, bv = value(lin), value(b)
+            if lv is not None and bv is not None and bv.dim() == 1 and bv.dtype == lv.dtype \
+                    and lv.dim() >= 1 and bv.shape[0] == lv.shape[-1] and not adapter_branch(lin):
+                return lin, r
+    return None
+
+
 def _check_single_use(node, what):
     if len(node.users) != 1:
         raise Reject(f"{what} is also used elsewhere ({len(node.users)} users)")
@@ -143,11 +157,18 @@ def match_at(u: fx.Node, ctx) -> LoraMatch:
         raise Reject(f"adapter output feeds {user.target if isinstance(user.target, str) else getattr(user.target, '__name__', user.target)}, not an add onto a base linear (DoRA?)")
     add = user
     r = add.args[0] if add.args[1] is v else add.args[1]
+    base_bias = _separate_bias(r)  # linear(x, W) + b, the bias added after the product (Falcon's linear)
+    if base_bias is not None:
+        r, bias_add = base_bias
     if not is_call(r, LINEAR_TARGETS):
         if is_call(r, ADD_TARGETS) and any(adapter_branch(a) for a in r.args):
             raise Reject("several active adapters on one layer: not supported")
         raise Reject("the adapter is not added to a linear of the same input")
     rx, weight, bias = linear_args(r)
+    if base_bias is not None:
+        bias = bias_add.args[1] if bias_add.args[0] is r else bias_add.args[0]
+        _check_single_use(bias_add, "base output with its bias")
+        consumed.append(bias_add)
     if rx is not x:
         # the base may read a node on the adapter input's chain (x itself a cast, or a dropout output of an
         # earlier layer): then that node is x, and only the part of the chain after it belongs to the adapter

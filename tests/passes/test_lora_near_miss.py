@@ -45,6 +45,20 @@ class LoraLike(nn.Module):
             return F.linear(x, self.w) + lora.view(-1, lora.shape[-1]).view_as(lora) * 0.5
         if v == "dropout_on_base":
             return F.linear(F.dropout(x, 0.0, True), self.w) + lora * 0.5
+        # a linear written out (Falcon's): canonicalize makes x @ W.T a linear; a bias added after the product
+        # goes into the op when it is a 1-D vector of the output's width
+        if v == "matmul_t_bias_after":
+            return (x @ self.w.T + self.bias) + lora * 0.5
+        if v == "matmul_dot_t":
+            return self.bias + torch.matmul(x, self.w.t()) + lora * 0.5
+        if v == "matmul_transpose":
+            return x @ self.w.transpose(-1, -2) + lora * 0.5
+        if v == "matmul_untransposed":  # x @ (a [K, N] tensor): a copy of W.T is not recognised as W (left alone)
+            return x @ self.w.T.contiguous() + lora * 0.5
+        if v == "bias_2d_after":  # a [1, N] addend is not a bias the op takes
+            return (F.linear(x, self.w) + self.bias[None]) + lora * 0.5
+        if v == "base_with_bias_then_add":  # linear(x, W, b) + c: two biases, not absorbed
+            return (F.linear(x, self.w, self.bias) + self.bias) + lora * 0.5
         raise ValueError(v)
 
 
@@ -59,6 +73,12 @@ CASES = {  # variant: (matched, rejected)
     "tensor_scale": (0, 1),
     "view_between": (0, 1),
     "dropout_on_base": (0, 1),
+    "matmul_t_bias_after": (1, 0),
+    "matmul_dot_t": (1, 0),
+    "matmul_transpose": (1, 0),
+    "matmul_untransposed": (0, 1),
+    "bias_2d_after": (0, 1),
+    "base_with_bias_then_add": (0, 1),
 }
 
 
