@@ -20,8 +20,8 @@ EXPECT = {
     "olmo2": ("lora", "swiglu", "rms_norm", "attention", "cross_entropy"),
     "stablelm": ("lora", "swiglu", "layer_norm", "attention", "cross_entropy"),
     "phi": ("lora", "layer_norm", "attention", "cross_entropy"),
-    # Falcon: linears written out as x @ W.T (+ bias), multi-query SDPA without enable_gqa (attention not matched)
-    "falcon": ("lora", "layer_norm", "cross_entropy"),
+    # Falcon: linears written out as x @ W.T (+ bias), multi-query SDPA (one kv head, no enable_gqa)
+    "falcon": ("lora", "layer_norm", "attention", "cross_entropy"),
 }
 
 

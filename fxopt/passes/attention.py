@@ -135,7 +135,9 @@ def _check_qkv(q, k, v, mask, enable_gqa: bool):
     hq, hkv = static_int(vq.shape[1]), static_int(value(k_states).shape[1])
     if hq is None or hkv is None or hq % hkv != 0:
         raise Reject(f"{vq.shape[1]} query heads and {value(k_states).shape[1]} kv heads")
-    if n_rep == 1 and hkv != hq and not enable_gqa:
+    # One kv head without enable_gqa: SDPA broadcasts it to every query head (Falcon's multi-query attention),
+    # which is GQA with one group. Any other count is an error in SDPA itself.
+    if n_rep == 1 and hkv not in (hq, 1) and not enable_gqa:
         raise Reject("kv heads differ from query heads without enable_gqa")
     if mask is not None:
         vm = value(mask)

@@ -186,6 +186,8 @@ class Attn(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, **kw)
         if self.variant == "gqa":
             return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True, scale=0.3, **kw)
+        if self.variant == "multi_query":  # one kv head broadcast by SDPA itself (Falcon), no enable_gqa
+            return F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], **kw)
         if self.variant == "decode":  # one new query against the cached keys
             return F.scaled_dot_product_attention(q[:, :, -1:], k, v)
         if self.variant == "causal":
@@ -199,6 +201,8 @@ NEAR = {  # variant, mask: (matched, reason of the rejection)
     ("plain", "bool"): (1, None),
     ("plain", "none"): (1, None),
     ("gqa", "bool"): (1, None),
+    ("multi_query", "bool"): (1, None),
+    ("multi_query", "none"): (1, None),
     ("causal", "none"): (1, None),
     ("dropout", "none"): (0, "dropout"),
     ("decode", "none"): (0, "lengths not known equal"),
