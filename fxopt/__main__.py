@@ -1,4 +1,5 @@
-"""Command line: `python -m fxopt demo` (the main job), `python -m fxopt explain` and `python -m fxopt bench`."""
+"""Command line: `python -m fxopt demo` (the main job), `python -m fxopt explain`, `python -m fxopt check` and
+`python -m fxopt bench`."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,15 @@ def main(argv=None):
     ex.add_argument("--model", required=True, help="a transformers config class name (e.g. LlamaConfig) or a local path")
     ex.add_argument("--no-lora", dest="lora", action="store_false", help="do not add PEFT LoRA adapters")
     ex.add_argument("--seq", type=int, default=32)
+    chk = sub.add_parser("check", help="train a tiny model of an architecture as is and with fxopt: equal?",
+                         description=__import__("fxopt.check", fromlist=["_"]).__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    chk.add_argument("--model", required=True,
+                     help="a transformers model type (e.g. falcon), config class name (LlamaConfig) or local path")
+    chk.add_argument("--steps", type=int, default=3)
+    chk.add_argument("--seq", type=int, default=32)
+    chk.add_argument("--attn", choices=["sdpa", "eager"], default=None, help="attention implementation")
+    chk.add_argument("--device", choices=["cpu", "cuda"], default=None)
     from fxopt import bench as _bench  # stdlib only at import: --help stays fast
 
     bench = sub.add_parser("bench", help="benchmark training steps: eager, torch.compile, Liger-Kernel, fxopt",
@@ -59,6 +69,10 @@ def main(argv=None):
         run_demo(args.size, args.steps, args.device)
     elif args.command == "explain":
         _explain(args)
+    elif args.command == "check":
+        from fxopt.check import run_check
+
+        return 0 if run_check(args.model, args.steps, args.seq, args.attn, device=args.device) else 1
     elif args.command == "bench":
         return _bench.run(args, bench)
     return 0

@@ -33,10 +33,11 @@ def run_cli(*args, timeout=120, interpret=True):
 
 
 @pytest.mark.parametrize("args, expected", [
-    ([], ["demo", "explain", "bench"]),
+    ([], ["demo", "explain", "check", "bench"]),
     (["bench"], ["--workloads", "--setups", "--size", "--device", "--steps", "--warmup", "--out", "--tag",
                  "--timeout", "--no-plot", "dense", "moe", "eager", "compile", "liger", "fxopt", "matplotlib"]),
     (["explain"], ["--model", "--no-lora", "--seq"]),
+    (["check"], ["--model", "--steps", "--seq", "--attn", "--device", "model type"]),
 ])
 def test_help(args, expected):
     proc = run_cli(*args, "--help", timeout=60)
@@ -133,6 +134,31 @@ def test_explain_prints_the_report_with_counts():
     assert counts.get("lora") == (14, 0), proc.stdout
     assert counts.get("rms_norm", (0,))[0] == 5, proc.stdout
     assert counts.get("cross_entropy", (0,))[0] == 1, proc.stdout
+
+
+def test_check_a_family_no_test_names():
+    """`check` trains a tiny model of a model type as is and with fxopt and says whether they agree (Falcon: its
+    linears written out, multi-query attention), with the report."""
+    proc = run_cli("check", "--model", "falcon", "--steps", "2", timeout=300, interpret=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^OK: falcon \(torch.float32, cpu\)", proc.stdout, re.M), proc.stdout
+    assert len(re.findall(r"^step \d: loss", proc.stdout, re.M)) == 2
+    assert "- lora: 4 matched, 0 rejected" in proc.stdout
+
+
+def test_check_says_mismatch_with_exit_status_1(monkeypatch, capsys):
+    """A mismatch (here: a tolerance nothing can meet) is said, and the exit status is 1."""
+    from fxopt import check
+
+    real = check.run_check
+    monkeypatch.setattr(check, "run_check", lambda *a, **k: real(*a, **{**k, "tol": -1.0}))
+    assert cli.main(["check", "--model", "LlamaConfig", "--steps", "1", "--seq", "8"]) == 1
+    assert "MISMATCH: LlamaConfig" in capsys.readouterr().out
+
+
+def test_check_bad_model_name():
+    proc = run_cli("check", "--model", "no_such_model_type", timeout=120, interpret=False)
+    assert proc.returncode != 0 and "--model: 'no_such_model_type'" in proc.stderr
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
