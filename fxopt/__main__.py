@@ -8,25 +8,11 @@ import sys
 
 def _explain(args):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import transformers
 
     import fxopt
+    from fxopt.check import build
 
-    if hasattr(transformers, args.model) and args.model.endswith("Config"):
-        cfg = getattr(transformers, args.model)()
-        for key, val in dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512).items():
-            if hasattr(cfg, key):
-                setattr(cfg, key, val)
-        model = AutoModelForCausalLM.from_config(cfg)
-    else:
-        try:
-            AutoConfig.from_pretrained(args.model, local_files_only=True)
-        except Exception as e:
-            raise SystemExit(f"--model: {args.model!r} is neither a transformers config class name nor a local model "
-                             f"directory ({e})")
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model = build(args.model, None)
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -45,7 +31,8 @@ def main(argv=None):
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 30 on CPU, 20 on GPU)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ex = sub.add_parser("explain", help="print the match report for a model, without training")
-    ex.add_argument("--model", required=True, help="a transformers config class name (e.g. LlamaConfig) or a local path")
+    ex.add_argument("--model", required=True,
+                    help="a transformers model type (e.g. falcon), config class name (LlamaConfig) or local path")
     ex.add_argument("--no-lora", dest="lora", action="store_false", help="do not add PEFT LoRA adapters")
     ex.add_argument("--seq", type=int, default=32)
     chk = sub.add_parser("check", help="train a tiny model of an architecture as is and with fxopt: equal?",

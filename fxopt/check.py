@@ -26,8 +26,9 @@ def tiny_config(name: str):
         try:
             cfg = AutoConfig.for_model(name)
         except ValueError as e:
+            first = str(e).split(". ")[0]  # transformers goes on to list every known model type
             raise SystemExit(f"--model: {name!r} is not a transformers model type, config class or local model "
-                             f"directory ({e})") from None
+                             f"directory ({first}; e.g. llama, falcon, LlamaConfig)") from None
     for key, val in TINY.items():
         if key in cfg.to_dict():
             try:
