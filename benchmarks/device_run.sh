@@ -4,6 +4,8 @@
 #   tests   the GPU tests (pytest -m gpu)          kernels  the kernel microbenchmarks
 #   dense   train_step.py on the dense workload for every setup, profile of one step each
 #   train   train_step.py on $WORKLOADS (comma-separated, default qlora,moe,moe-big) for $SETUPS
+#   compile the cold first step of fxopt on $WORKLOADS (default dense,qlora): each run with empty Inductor and
+#           Triton caches, its first step under cProfile (train_step.py --profile-compile: where the time goes)
 # Everything is written under $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -22,6 +24,12 @@ for stage in "$@"; do
     train) python3 benchmarks/train_step.py --workloads "${WORKLOADS:-qlora,moe,moe-big}" \
              --setups "${SETUPS:-eager,compile,liger,fxopt}" --out "$OUT" --tag "${TAG:-train}" \
              --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -40 > "$OUT/train-${TAG:-train}.txt" ;;
+    compile) for wl in $(echo "${WORKLOADS:-dense,qlora}" | tr , ' '); do
+               setup=fxopt; [ "$wl" = qlora ] && setup=fxopt_compute_dtype
+               TRITON_CACHE_DIR=/tmp/cold-$wl/triton TORCHINDUCTOR_CACHE_DIR=/tmp/cold-$wl/inductor \
+                 python3 benchmarks/train_step.py --workloads "$wl" --setups "$setup" --out "$OUT" --tag "cold-$wl" \
+                 --profile-compile "$OUT/compile" --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -20 > "$OUT/compile-$wl.txt"
+             done ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
 done
