@@ -4,7 +4,7 @@ checks that every output and every gradient equals the uncompiled module's (fp32
 A site that genuinely is a plain LoRA linear must be reported matched, and one that carries a feature the pass
 must not fuse (a bias on an adapter matrix, a tensor scale, a subtraction, an intermediate read elsewhere...)
 must not be: the fuzz test also fails when matching silently stops happening.
-The same for RMSNorm-shaped and lm_head + cross-entropy-shaped near-misses.
+The same for RMSNorm-, LayerNorm- and lm_head + cross-entropy-shaped near-misses.
 
 Near-miss modules with one feature each live in tests/passes/test_*; this file combines features at random."""
 from __future__ import annotations
@@ -479,9 +479,12 @@ class LossSpec:
     head_bias: bool
     leak: str  # "none", "logits_used" (read by another op), "logits_returned" (with keep_logits)
     flatten: str  # "view", "reshape"
+    scale: str  # "none", "mul" (z * s), "rmul" (s * z), "div" (z / s): a constant logit scale (Cohere, Granite)
 
     def expectation(self) -> str:
         if self.reduction == "none" or self.smoothing or self.class_weight or self.leak != "none":
+            return "never"
+        if self.scale != "none" and self.head_bias:  # the scale would have to scale the bias too
             return "never"
         return "plain"
 
@@ -489,7 +492,7 @@ class LossSpec:
 LOSS_FIELDS = dict(reduction=(["mean", "sum"], ["none"]), ignore=(["default", "custom", "none_ignored"], []),
                    smoothing=([False], [True]), class_weight=([False], [True]), cast=(["float", "none"], []),
                    head_bias=([False, True], []), leak=(["none"], ["logits_used", "logits_returned"]),
-                   flatten=(["view", "reshape"], []))
+                   flatten=(["view", "reshape"], []), scale=(["none", "mul", "rmul", "div"], []))
 
 
 class LossFuzz(nn.Module):
@@ -502,6 +505,8 @@ class LossFuzz(nn.Module):
     def forward(self, hidden, labels):
         s = self.spec
         logits = self.head(hidden)
+        logits = {"none": lambda: logits, "mul": lambda: logits * 0.7, "rmul": lambda: 1.3 * logits,
+                  "div": lambda: logits / 4.0}[s.scale]()
         z = logits.float() if s.cast == "float" else logits
         z = z.view(-1, z.shape[-1]) if s.flatten == "view" else z.reshape(-1, z.shape[-1])
         opts = dict(reduction=s.reduction, ignore_index=-100 if s.ignore != "custom" else 3)
@@ -539,5 +544,84 @@ def test_fuzz_cross_entropy(spec, lead, h, vocab, seed):
     event(f"loss expected {spec.expectation()}: {len(matched)} matched")
     if spec.expectation() == "plain":
         assert len(matched) == 1, (spec, report.records)
+    else:
+        assert not matched, (spec, report.records)
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm
+
+@dataclass
+class LayerNormSpec:
+    form: str  # "functional" (F.layer_norm), "written_out" (mean, variance, rsqrt: Cohere's)
+    affine: str  # "both", "weight", "bias", "none"
+    residual: str  # "none", "read_again" (the sum read after the norm), "read_once"
+    dims: str  # "last", "two" (normalised over the last two dimensions: not the op's per-row statistics)
+    leak: str  # written out only: "none", "mean", "deviation", "variance" (read elsewhere too)
+    stats_dtype: str  # written out only: "fp32", "half" (statistics in fp16: not the op's fp32 math)
+
+    def expectation(self) -> str:
+        if self.dims == "two":
+            return "never"
+        if self.form == "written_out" and (self.leak != "none" or self.stats_dtype == "half"):
+            return "never"
+        return "plain"
+
+
+LN_FIELDS = dict(form=(["functional", "written_out"], []), affine=(["both", "weight", "bias", "none"], []),
+                 residual=(["none", "read_again", "read_once"], []), dims=(["last"], ["two"]),
+                 leak=(["none"], ["mean", "deviation", "variance"]), stats_dtype=(["fp32"], ["half"]))
+
+
+class LayerNormFuzz(nn.Module):
+    def __init__(self, spec: LayerNormSpec, n: int, rows: int):
+        super().__init__()
+        self.spec, self.n = spec, n
+        shape = (rows, n) if spec.dims == "two" else (n,)
+        self.w = nn.Parameter(1 + 0.1 * torch.randn(shape)) if spec.affine in ("both", "weight") else None
+        self.b = nn.Parameter(0.1 * torch.randn(shape)) if spec.affine in ("both", "bias") else None
+
+    def forward(self, x, res):
+        s = self.spec
+        extras = []
+        if s.residual != "none":
+            x = x + res
+        if s.form == "functional" or s.dims == "two":
+            shape = tuple(x.shape[-2:]) if s.dims == "two" else (self.n,)
+            out = F.layer_norm(x, shape, self.w, self.b, 1e-5)
+        else:
+            h = x.half() if s.stats_dtype == "half" else x.to(torch.float32)
+            mu = h.mean(-1, keepdim=True)
+            d = h - mu
+            var = d.pow(2).mean(-1, keepdim=True)
+            out = (h - mu) * torch.rsqrt(var + 1e-5)
+            if self.w is not None:
+                out = self.w.to(torch.float32) * out
+            if self.b is not None:
+                out = out + self.b.to(torch.float32)
+            out = out.to(x.dtype)
+            extras = {"none": lambda: [], "mean": lambda: [mu.sum(-1)], "deviation": lambda: [d.sum(-1)],
+                      "variance": lambda: [var * 2]}[s.leak]()
+        if s.residual == "read_again":
+            out = out * x
+        return (out, *extras)
+
+
+@settings(FUZZ, max_examples=30)
+@given(spec=specs(LayerNormSpec, LN_FIELDS), lead=st.sampled_from([(3,), (2, 3)]), n=st.sampled_from([3, 5, 16]),
+       seed=st.integers(0, 2**16))
+def test_fuzz_layer_norm(spec, lead, n, seed):
+    # dx is compared relative to at least 0.1 ||dy||, as for the RMSNorm above (the same cancellation)
+    torch.manual_seed(seed)
+    mod = LayerNormFuzz(spec, n, lead[-1])
+    x = (torch.randn(*lead, n) + torch.randn(*lead, 1)).requires_grad_()
+    res = torch.randn(*lead, n, requires_grad=True)
+    report = _run_and_compare(mod, (x, res), grad_floor=0.1,
+                              disable=[p for p in fxopt.pass_names() if p != "layer_norm"])
+    matched = report.matched("layer_norm")
+    event(f"layer norm expected {spec.expectation()}: {len(matched)} matched")
+    if spec.expectation() == "plain":
+        assert len(matched) == 1, (spec, report.records)
+        if spec.residual == "read_again":
+            assert "residual add folded" in matched[0].reason
     else:
         assert not matched, (spec, report.records)

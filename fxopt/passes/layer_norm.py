@@ -27,8 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.passes.graph_utils import (
-    ADD_TARGETS, FLOATS, MUL_TARGETS, SUB_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, static_int,
-    value)
+    ADD_TARGETS, FLOATS, MUL_TARGETS, SUB_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, only_user,
+    static_int, value)
 from fxopt.passes.rms_norm import (
     MEAN_TARGETS, RSQRT_TARGETS, _call, _check_mean, _is_number, _other, _single_user, _square_input, residual_add,
     rewrite_norm)
@@ -123,15 +123,20 @@ def deviation(var_mean: fx.Node):
     return h, mu, d
 
 
-def _affine_operand(node, n):
-    """(tensor, absorbed cast nodes) of the other operand of `node` (n * t, t * n, n + t, t + n): a tensor of
-    the graph, an up-cast to fp32 of one absorbed (the op computes in fp32)."""
+def _affine_operand(node, n, width):
+    """(tensor, absorbed cast nodes) when `node` is n * t, t * n, n + t or t + n for a 1-D tensor t of `width`
+    elements (an up-cast of it to fp32 absorbed: the op computes in fp32); else None (then node is not the
+    norm's weight or bias: e.g. the next residual add, or a product with the block input)."""
     t = _other(node, n)
     if not isinstance(t, fx.Node) or value(t) is None:
-        raise Reject(f"the normalised value meets {t!r}, not a weight or bias tensor")
+        return None
+    absorbed = []
     if cast_dtype(t) == torch.float32 and len(t.users) == 1 and value(t.args[0]) is not None:
-        return t.args[0], [t]
-    return t, []
+        t, absorbed = t.args[0], [t]
+    tv = value(t)
+    if tv.dim() != 1 or static_int(tv.shape[0]) != width:
+        return None
+    return t, absorbed
 
 
 def match_written_out(var_mean: fx.Node, ctx) -> LayerNormMatch:
@@ -176,19 +181,22 @@ def match_written_out(var_mean: fx.Node, ctx) -> LayerNormMatch:
             raise Reject("the fp32 input is also used elsewhere")
         consumed.insert(0, h)
 
+    width = static_int(xv.shape[-1])
+    if width is None:
+        raise Reject("symbolic or missing hidden size")
     weight = bias = None
     out = n
-    nxt = _single_user(n, "the normalised value")
-    if is_call(nxt, MUL_TARGETS):
-        weight, absorbed = _affine_operand(nxt, n)
+    nxt = only_user(n)  # None when n is read more than once: then n itself is the output
+    affine = _affine_operand(nxt, n, width) if is_call(nxt, MUL_TARGETS) else None
+    if affine is not None:
+        (weight, absorbed), out = affine, nxt
         consumed += absorbed + [nxt]
-        out = nxt
-        nxt = _single_user(nxt, "the weight product") if len(nxt.users) == 1 else None
-    if nxt is not None and is_call(nxt, ADD_TARGETS):
-        bias, absorbed = _affine_operand(nxt, out)
+        nxt = only_user(nxt)
+    affine = _affine_operand(nxt, out, width) if is_call(nxt, ADD_TARGETS) else None
+    if affine is not None:
+        (bias, absorbed), out = affine, nxt
         consumed += absorbed + [nxt]
-        out = nxt
-        nxt = _single_user(nxt, "the biased value") if len(nxt.users) == 1 else None
+        nxt = only_user(nxt)
     if nxt is not None and cast_dtype(nxt) == xv.dtype and xv.dtype != torch.float32:
         consumed.append(nxt)
         out = nxt
@@ -196,11 +204,8 @@ def match_written_out(var_mean: fx.Node, ctx) -> LayerNormMatch:
         raise Reject(f"the fp32 result is not cast back to {xv.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         tv = None if t is None else value(t)
-        if t is not None and (tv.dim() != 1 or static_int(tv.shape[0]) != static_int(xv.shape[-1])
-                              or tv.dtype not in FLOATS or tv.device != xv.device):
-            raise Reject(f"{name} of shape {list(tv.shape)} and dtype {tv.dtype} for rows of {list(xv.shape)[-1:]}")
-    if static_int(xv.shape[-1]) is None:
-        raise Reject("symbolic or missing hidden size")
+        if t is not None and (tv.dtype not in FLOATS or tv.device != xv.device):
+            raise Reject(f"{name} of dtype {tv.dtype} on {tv.device} (input: {xv.dtype} on {xv.device})")
     if value(out).dtype != xv.dtype:
         raise Reject(f"output {value(out).dtype} where the op gives the input's {xv.dtype}")
 

@@ -145,6 +145,9 @@ class LayerNormLike(nn.Module):
             hs = s.float()
             d = hs - hs.mean(-1, keepdim=True)
             return (d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w32).to(x.dtype) * s
+        if v == "written_out_times_input":  # no affine: the product with the input is not a weight (fuzz-found)
+            d = h - mu
+            return (d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * x
         if v == "written_out_mean_used_elsewhere":
             d = h - mu
             return (d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) + mu.to(x.dtype)
@@ -172,6 +175,7 @@ CASES = {  # variant: (matched, rejected, folded)
     "written_out_bias_one_deviation": (1, 0, 0),
     "written_out_no_affine": (1, 0, 0),
     "written_out_residual": (1, 0, 1),
+    "written_out_times_input": (1, 0, 0),
     "written_out_mean_used_elsewhere": (0, 1, 0),
     "written_out_mean_not_last_dim": (0, 1, 0),
     "written_out_half_precision": (0, 1, 0),
