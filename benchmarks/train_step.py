@@ -358,7 +358,7 @@ def run_one(args, workload, setup) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--size", args.size]
     if args.profile:
         cmd += ["--profile", args.profile]
-    if args.profile_compile:
+    if getattr(args, "profile_compile", ""):  # fxopt.bench's namespace has no such option
         cmd += ["--profile-compile", args.profile_compile]
     # The repository first on the path, so `import fxopt` is this checkout even when not installed; the
     # caller's PYTHONPATH (e.g. /tmp/site holding liger-kernel) stays behind it.

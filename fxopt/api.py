@@ -54,6 +54,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
                       "one class) was found in the model: no activation is recomputed or offloaded", stacklevel=2)
     model.register_forward_pre_hook(_same_device_as_weights, with_kwargs=True)
     model.compile(backend=backend, dynamic=config.dynamic)
+    model._compiled_call_impl = _floats_static(model._compiled_call_impl)
     model._fxopt_report = report
     model._fxopt_config = config
     return model
@@ -98,6 +99,20 @@ def _room_to_recompile() -> None:
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     if getattr(cfg, name) < RECOMPILE_LIMIT:
         setattr(cfg, name, RECOMPILE_LIMIT)
+
+
+def _floats_static(call):
+    """`call` (the model's compiled call: every frame of the model compiles inside it, blocks included) with
+    Dynamo's specialize_float on while it runs. Code shared by every model (transformers' decorator wrappers
+    around a decoder layer's forward) is one code object to Dynamo: once two models with different float
+    attributes ran through it (Llama's norm eps 1e-6, then GLM's 1.5625e-7), Dynamo's automatic dynamic made
+    the float a graph input, and a norm's eps a runtime value no fused op can take (the norms stayed unfused).
+    Specialized, a float is a constant guarded by value, as in one-model processes. Only inside this call:
+    the user's other compiles keep their setting."""
+    cfg = torch._dynamo.config
+    if not hasattr(cfg, "specialize_float"):
+        return call
+    return cfg.patch(specialize_float=True)(call)
 
 
 @torch._dynamo.disable

@@ -57,3 +57,21 @@ def test_recompile_limit_raised_not_lowered():
     with cfg.patch(**{name: 500}):
         fxopt.optimize(torch.nn.Linear(2, 2), inner_backend="eager")
         assert getattr(cfg, name) == 500
+
+
+def test_a_second_model_with_another_norm_eps_is_still_fused():
+    """Two models in one process whose norms have different eps: the decoder layers' shared wrapper code had
+    Dynamo make eps a graph input on the second model (automatic dynamic), and its norms stayed unfused
+    ("eps is a runtime value"); fxopt compiles with floats specialized (fxopt/api.py, _floats_static)."""
+    torch._dynamo.reset()
+    before = torch._dynamo.config.specialize_float
+    for eps in (1e-6, 1e-5):
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model("llama", pad_token_id=0, rms_norm_eps=eps, **COMMON)
+        model = with_lora(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa"))
+        fxopt.optimize(model, inner_backend="aot_eager", disable=["attention", "swiglu", "cross_entropy", "lora"])
+        model(**batch()).loss.backward()
+        report = fxopt.report(model)
+        assert not report.rejected("rms_norm"), report.rejected("rms_norm")
+        assert all(f"eps={eps:g}" in r.reason for r in report.matched("rms_norm"))
+    assert torch._dynamo.config.specialize_float == before  # patched only inside the model's call

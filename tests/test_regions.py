@@ -47,9 +47,12 @@ def test_block_is_one_graph(tmp_path):
     loss.backward()
     ref_loss.backward()
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    # DESIGN.md's fp32 tolerance (||g - ref|| / ||ref||): the norms run fxopt::layer_norm, whose fp32 rounding
+    # differs from eager's by ~1e-7 per element (an element-wise atol of 1e-7 would fail on that alone)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+        assert ((p.grad - q.grad).norm() / q.grad.norm()).item() < 1e-5, name
     report = fxopt.report(model)
+    assert len(report.matched("layer_norm")) == 2  # the block's two norms, once for every block
     # one graph for all blocks: the first block's input (no grad) is given a copy requiring grad, as the later
     # blocks' inputs do, so Dynamo's guard on requires_grad does not compile the block a second time
     assert report.block_graphs == 1, report.block_graphs
