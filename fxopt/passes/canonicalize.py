@@ -23,8 +23,8 @@ def _transposed(node):
     elif (is_method(node, "t") or is_call(node, (torch.t,))) and len(node.args) == 1 and not node.kwargs:
         w = node.args[0]
     elif (is_method(node, "transpose") or is_call(node, (torch.transpose,))) and len(node.args) == 3 \
-            and not node.kwargs and {node.args[1] % 2, node.args[2] % 2} == {0, 1} \
-            and all(isinstance(a, int) for a in node.args[1:]):
+            and not node.kwargs and all(isinstance(a, int) for a in node.args[1:]) \
+            and {node.args[1] % 2, node.args[2] % 2} == {0, 1}:
         w = node.args[0]
     else:
         return None

@@ -30,8 +30,8 @@ from fxopt.passes.graph_utils import (
     ADD_TARGETS, FLOATS, MUL_TARGETS, SUB_TARGETS, Reject, cast_dtype, is_call, is_method, module_path, only_user,
     static_int, value)
 from fxopt.passes.rms_norm import (
-    MEAN_TARGETS, RSQRT_TARGETS, _call, _check_mean, _is_number, _other, _single_user, _square_input, residual_add,
-    rewrite_norm)
+    MEAN_TARGETS, RSQRT_TARGETS, _call, _check_mean, _is_number, _other, _single_user, fp32_input, residual_add,
+    rewrite_norm, squared_deviation)
 from fxopt.report import MatchRecord
 
 NAME = "layer_norm"
@@ -110,17 +110,10 @@ def match_at(node: fx.Node, ctx) -> LayerNormMatch:
 
 
 def deviation(var_mean: fx.Node):
-    """(h, mu, d) when `var_mean` is the mean of the square of d = h - mu with mu a mean of h (a LayerNorm's
-    variance), else None."""
+    """(h, mu, d) when `var_mean` is a mean of the square of d = h - mean(h) (a LayerNorm's variance), else None."""
     if not _call(var_mean, MEAN_TARGETS, "mean") or not var_mean.args:
         return None
-    d = _square_input(var_mean.args[0])
-    if not (is_call(d, SUB_TARGETS) or is_method(d, "sub")) or len(d.args) != 2 or d.kwargs:
-        return None
-    h, mu = d.args
-    if not isinstance(h, fx.Node) or not _call(mu, MEAN_TARGETS, "mean") or not mu.args or mu.args[0] is not h:
-        return None
-    return h, mu, d
+    return squared_deviation(var_mean.args[0])
 
 
 def _affine_operand(node, n, width):
@@ -147,13 +140,7 @@ def match_written_out(var_mean: fx.Node, ctx) -> LayerNormMatch:
         raise Reject("no recorded tensor metadata")
     _check_mean(mu, h)
     _check_mean(var_mean, d)
-    if hv.dtype != torch.float32:
-        raise Reject(f"normalised in {hv.dtype}, not in fp32")
-    up = cast_dtype(h)
-    xin = h.args[0] if up is not None else h
-    xv = value(xin)
-    if xv is None or xv.dtype not in FLOATS:
-        raise Reject(f"input dtype {None if xv is None else xv.dtype} not supported")
+    up, xin, xv = fp32_input(h)
     sq = var_mean.args[0]
     consumed = [mu, d, sq, var_mean]
     _single_user(sq, "the squared deviation")

@@ -79,6 +79,31 @@ def _square_input(node):
     return None
 
 
+def squared_deviation(sq):
+    """(h, mu, d) when sq squares d = h - mu with mu a mean of h (a LayerNorm's variance is its mean), else
+    None. The rms_norm pass leaves these to the layer_norm pass, which matches them."""
+    d = _square_input(sq)
+    if not (is_call(d, SUB_TARGETS) or is_method(d, "sub")) or len(d.args) != 2 or d.kwargs:
+        return None
+    h, mu = d.args
+    if not isinstance(h, fx.Node) or not _call(mu, MEAN_TARGETS, "mean") or not mu.args or mu.args[0] is not h:
+        return None
+    return h, mu, d
+
+
+def fp32_input(h):
+    """(the up-cast node or None, the norm's input, its value) for h, the fp32 value a norm normalises; Reject
+    when h is not fp32 (a norm in half precision is not the kernels' math) or the input's dtype is not taken."""
+    if value(h).dtype != torch.float32:
+        raise Reject(f"normalised in {value(h).dtype}, not in fp32")
+    up = cast_dtype(h)
+    xin = h.args[0] if up is not None else h
+    xv = value(xin)
+    if xv is None or xv.dtype not in FLOATS:
+        raise Reject(f"input dtype {None if xv is None else xv.dtype} not supported")
+    return up, xin, xv
+
+
 def _other(node, known):
     """The operand of a binary node that is not `known` (None if `known` is not one of exactly two args)."""
     if len(node.args) != 2 or node.kwargs:
@@ -175,13 +200,7 @@ def match_at(mean: fx.Node, ctx) -> NormMatch:
     _single_user(sq, "the square")
     consumed = [sq, mean]
 
-    if hv.dtype != torch.float32:
-        raise Reject(f"normalised in {hv.dtype}, not in fp32")
-    up = cast_dtype(h)
-    xin = h.args[0] if up is not None else h
-    xv = value(xin)
-    if xv is None or xv.dtype not in FLOATS:
-        raise Reject(f"input dtype {None if xv is None else xv.dtype} not supported")
+    up, xin, xv = fp32_input(h)
 
     # + eps, then rsqrt and a multiply (or sqrt and a divide)
     ve = _single_user(mean, "the mean of squares")
@@ -314,13 +333,6 @@ def _rewrite(gm, m: NormMatch, order):
                         [m.weight], stats=1)
 
 
-def _is_deviation(sq) -> bool:
-    """Whether sq squares h - mean(h) (also layer_norm.deviation's test)."""
-    d = _square_input(sq)
-    return ((is_call(d, SUB_TARGETS) or is_method(d, "sub")) and len(d.args) == 2
-            and _call(d.args[1], MEAN_TARGETS, "mean") and bool(d.args[1].args) and d.args[1].args[0] is d.args[0])
-
-
 def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
     from fxopt.kernels import rms_norm as _rms_kernels  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
 
@@ -331,7 +343,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             continue
         if _square_input(mean.args[0]) is None:
             continue  # not a mean of squares: nothing RMSNorm-like to report
-        if _is_deviation(mean.args[0]):
+        if squared_deviation(mean.args[0]) is not None:
             continue  # the square of x - mean(x): a LayerNorm's variance (the layer_norm pass's)
         try:
             m = match_at(mean, ctx)
