@@ -25,6 +25,7 @@ CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -123,9 +124,21 @@ def bench_train(name, n, k, do_bench):
     return rows
 
 
+def _words_max_m(value, x, args):
+    """The op with nf4.WORDS_MAX_M set to value: which GEMV kernel an M takes."""
+    from fxopt.kernels import nf4
+
+    old, nf4.WORDS_MAX_M = nf4.WORDS_MAX_M, value
+    try:
+        return torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
+    finally:
+        nf4.WORDS_MAX_M = old
+
+
 def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
     import bitsandbytes as bnb
 
+    from fxopt.kernels import nf4
     from fxopt.kernels.nf4 import quant_args
 
     qweight, state, w = quantized(n, k)
@@ -137,6 +150,10 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
         ref = x.float() @ w.float().t()
         impls = {"bnb": lambda: bnb.matmul_4bit(x, qweight, state),
                  "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
+        if m <= nf4.WORDS_MAX_M:  # what M <= 4 took before the word GEMV: the tile GEMV (split K, CUDA cores)
+            impls["fxopt_tile"] = functools.partial(_words_max_m, 0, x, args)
+        else:  # the word GEMV where the tile GEMV (tensor cores) runs: where the threshold should be
+            impls["fxopt_words"] = functools.partial(_words_max_m, nf4.GEMV_MAX_M, x, args)
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6)
             try:
@@ -204,7 +221,9 @@ def tables(rows, gpu) -> str:
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
         lines += [f"Decode-sized forward (no_grad): GB/s of packed weight read (% of {CEILING_GBS:.0f} GB/s). bnb = "
-                  "bnb.matmul_4bit. 'graph': replayed in a CUDA graph (no launch overhead).", "",
+                  "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, the tile GEMV above); fxopt_tile = the tile GEMV "
+                  "at M <= 4 (what ran there before the word GEMV); fxopt_words = the word GEMV at M > 4. 'graph': "
+                  "replayed in a CUDA graph (no launch overhead).", "",
                   "| shape (N x K) | M | impl | us | GB/s | graph us | graph GB/s | rel err |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in decode:

@@ -59,6 +59,9 @@ ABSMAX2_BLOCK = 256  # bnb quantizes the absmax blockwise in blocks of 256 under
 
 # Inputs of at most this many rows take the GEMV-style kernel (tests lower it to reach the GEMM with small M).
 GEMV_MAX_M = 16
+# Of those, inputs of at most this many rows take the word GEMV (CUDA-core products, weight read as int32 words);
+# more rows take the tile GEMV with tensor-core dots.
+WORDS_MAX_M = 4
 # Inputs of at least this many rows (and more than GEMV_MAX_M) take dequantize-then-GEMM (see _dequantized_gemm).
 DEQUANT_MIN_M = 1 << 62 if os.environ.get("FXOPT_NF4_GEMM", "dequant") == "fused" else 0
 
@@ -335,6 +338,76 @@ if triton is not None:
         out_ptrs = OUT + pid_k * stride_os + rm[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
 
+    @triton.jit
+    def _gemv_words_kernel(
+        X, W32, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, T, L, BIAS, OUT,
+        M, N, K, KW, R,
+        stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on, scale,
+        BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+        EVEN_W: tl.constexpr,
+    ):
+        """OUT[M, N] = X[M, K] @ dequant(W)^T + scale * T @ L + BIAS for M <= BLOCK_M (few rows) and K % BS == 0, the
+        weight read as int32 words (W32): word w of row n holds W[n, 8w .. 8w + 7], its byte i (bits 8i .. 8i + 7,
+        little-endian) W[n, 8w + 2i] in the high nibble and W[n, 8w + 2i + 1] in the low one. A program owns
+        BLOCK_N rows and walks their words BLOCK_W at a time: 16-byte loads, each word's 8 codes multiplied with
+        x on the CUDA cores in fp32, the quantization block's scale applied to the block's partial sum. No split
+        over K and no workspace: a few rows per program give enough programs (and loads in flight) to read the
+        weight near HBM speed, and the output is written once, by the program that owns it. KW = K // 8 is an
+        argument of its own so that Triton sees its divisibility (rows start 16-byte aligned: vector loads);
+        EVEN_W (BLOCK_W divides KW) drops the masks, which would split the vector loads."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        load_n = (offs_n % N).to(tl.int64)
+        WPB: tl.constexpr = BS // 8  # words per quantization block
+        C: tl.constexpr = WPB if WPB < BLOCK_W else BLOCK_W  # words of one block in one step
+        G: tl.constexpr = BLOCK_W // C  # blocks in one step
+        g = tl.arange(0, G)
+        c = tl.arange(0, C)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for w0 in range(0, KW, BLOCK_W):
+            wi = w0 + g[:, None] * C + c[None, :]  # [G, C] word index within the row
+            inside = wi < KW  # K % BS == 0: a block is wholly inside the row or wholly past it
+            if EVEN_W:
+                words = tl.load(W32 + load_n[:, None, None] * KW + wi[None, :, :])
+            else:
+                words = tl.load(W32 + load_n[:, None, None] * KW + wi[None, :, :], mask=inside[None, :, :], other=0)
+            blk = w0 // WPB + g  # [G] the steps' blocks (one block when it is wider than the step)
+            s = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, load_n[:, None] * (K // BS) + blk[None, :],
+                             blk[None, :] * WPB < KW, DOUBLE_QUANT)  # [BLOCK_N, G]
+            # the 8 codes of each word along a last axis, gathered once for all rows of x; x read in runs of 8
+            # contiguous elements (vector loads: per-element scalar loads of x made the kernel 2x slower)
+            j = tl.arange(0, 8)
+            shift = 8 * (j // 2) + 4 * (1 - j % 2)  # element 8w + j: byte j // 2, high nibble for even j
+            codes = tl.load(CODE + ((words[:, :, :, None] >> shift[None, None, None, :]) & 15))  # [BN, G, C, 8]
+            k8 = 8 * wi[:, :, None] + j[None, None, :]  # [G, C, 8]
+            for mi in tl.static_range(BLOCK_M):
+                xp = X + (mi % M) * stride_xm + k8 * stride_xk
+                if EVEN_W:
+                    xv = tl.load(xp).to(tl.float32)
+                else:
+                    xv = tl.load(xp, mask=inside[:, :, None], other=0.0).to(tl.float32)
+                part = tl.sum(codes * xv[None, :, :, :], axis=3)  # [BN, G, C]
+                row = tl.sum(tl.sum(part, axis=2) * s, axis=1)  # [BLOCK_N]
+                acc += tl.where(rm[:, None] == mi, row[None, :], 0.0)
+
+        load_m = (rm % M).to(tl.int64)
+        mask_n = offs_n < N
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                mr = (r0 + rr) < R
+                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
+                            other=0.0)
+                lo_ = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
+                              other=0.0)
+                acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo_.to(tl.float32)[None, :, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
+
     _INTERPRETED = interpreted(_fwd_kernel)
 
     # ALIGNED (one scale per weight row per K-step) depends on the tile width the autotuner picks.
@@ -345,6 +418,7 @@ if triton is not None:
     _dx = triton.heuristics({"ALIGNED": _aligned})(_dx_kernel)
     # MASK_K: the last K-step of the GEMV is partial (its sub-steps past K load nothing)
     _gemv = triton.heuristics({"MASK_K": lambda args: args["K"] % args["BLOCK_K"] != 0})(_gemv_kernel)
+    _gemv_words = triton.heuristics({"EVEN_W": lambda args: args["KW"] % args["BLOCK_W"] == 0})(_gemv_words_kernel)
 
     # Hopper-sized tiles. The in-loop dequantization costs per weight element, the tensor-core work per weight
     # element times BLOCK_M: tall tiles amortise it. M, the token count, is symbolic in the compiled graph and
@@ -371,11 +445,18 @@ if triton is not None:
             (64, 512, 8, 3), (128, 256, 8, 3), (32, 1024, 8, 2),
         ]
     ]
-    _fwd_tuned = _dx_tuned = _gemv_tuned = None
+    # rows per program x words per step: 16-byte loads per thread, enough programs for N = 512 rows
+    _WORDS_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=st)
+        for bn, bw, w, st in [(1, 128, 1, 3), (2, 128, 2, 3), (4, 128, 4, 3), (4, 64, 2, 3), (8, 64, 4, 3),
+                              (2, 256, 4, 3)]
+    ]
+    _fwd_tuned = _dx_tuned = _gemv_tuned = _words_tuned = None
     if not _INTERPRETED:
         _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["N", "K", "M_BUCKET", "BS"])(_fwd)
         _dx_tuned = triton.autotune(configs=_DX_CONFIGS, key=["N", "K", "M_BUCKET", "BS"])(_dx)
         _gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "M", "BS"])(_gemv)
+        _words_tuned = triton.autotune(configs=_WORDS_CONFIGS, key=["N", "K", "M", "BS"])(_gemv_words)
 
 
 class _Quant(NamedTuple):
@@ -500,6 +581,17 @@ def _dequantized_gemm(m: int) -> bool:
     return m >= DEQUANT_MIN_M
 
 
+def _as_words(q: _Quant) -> Optional[Tensor]:
+    """The packed weight as int32 words (8 codes each) for the word GEMV, or None where its bytes cannot be
+    viewed so (a storage offset that is not a multiple of 4). K % blocksize == 0 makes every row a whole number
+    of words."""
+    nbytes = q.n * q.k // 2
+    data = q.data[:nbytes]
+    if data.data_ptr() % 4 or nbytes % 4:
+        return None
+    return data.view(torch.int32)
+
+
 def _gemv_split(n: int, k: int, device: torch.device) -> int:
     """How many runs of K the GEMV splits into: enough programs for ~4 per SM at 32 rows each, at most one run
     per 256 columns (the smallest tuned BLOCK_K; 128 in the interpreter) and 16 runs (the workspace sum stays
@@ -543,6 +635,14 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
                out.stride(0), out.stride(1), float(scale))
     flags = dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias, PRECISION=precision,
                  BLOCK_R=_block_r(R))
+    words = _as_words(q) if M <= min(WORDS_MAX_M, GEMV_MAX_M) and K % q.blocksize == 0 else None
+    if words is not None:
+        args = (x, words, *ptrs[1:], t, lo, bias, out, M, N, K, K // 8, R, *strides)
+        launch(_gemv_words, _words_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args,
+               dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias,
+                    BLOCK_M=triton.next_power_of_2(M), BLOCK_R=_block_r(R)),
+               dict(BLOCK_N=2, BLOCK_W=8), x.device)
+        return out
     if M <= GEMV_MAX_M and K % q.blocksize == 0:
         bm = triton.next_power_of_2(M)
         use_dot = M > 4  # more rows than that: the CUDA cores' multiply-sum would be compute-bound

@@ -166,10 +166,29 @@ def test_lora_matches_bnb(lead, rank, adapter32, dropout, n, quant_type, double,
 
 @pytest.mark.parametrize("lead", [(1,), (2,), (4,), (5,), (16,)])
 def test_gemv_paths(lead):
-    """Every GEMV variant (CUDA-core sum for M <= 4, tensor-core dot above), with a partial last K-step."""
+    """Every GEMV variant (the word GEMV for M <= 4, the tile GEMV's tensor-core dot above), with a partial last
+    K-step (K = 96 in blocks of 32: the word GEMV's last step is partial)."""
     for quant_type, double, blocksize, k in [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]:
         check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
         check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
+
+
+def test_gemv_unaligned_weight_bytes(monkeypatch):
+    """Packed bytes that do not start on a 4-byte boundary cannot be read as int32 words: the word GEMV is not
+    taken there (the tile GEMV is) and the result is the same."""
+    qweight, state, x, *_ = make_case((2,), 37, 128, "nf4", 64, True, torch.float32, False, False, None, 3, DEVICE)
+    args = quant_args(qweight, state)
+    shifted = torch.empty(qweight.numel() + 1, dtype=torch.uint8, device=qweight.device)[1:].view_as(qweight)
+    shifted.copy_(qweight)
+    taken = []
+    real = nf4._as_words
+    monkeypatch.setattr(nf4, "_as_words", lambda q: taken.append(real(q)) or taken[-1])
+    with torch.no_grad():
+        want = torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
+        got = torch.ops.fxopt.linear_4bit(x, shifted, *args[1:6], None, *args[6:])
+    if nf4._use_triton(x):
+        assert taken[0] is not None and taken[1] is None
+    assert rel(got, want) < TOL[torch.float32]
 
 
 def test_large_rank():
