@@ -23,7 +23,8 @@ dX = dY @ W by a second kernel with the same in-loop dequantization (two accumul
 output columns, interleaved at the store), plus s * (dY @ B) @ A in the same accumulators for the LoRA form;
 dA = s (dY B)^T x_l, dB = s dY^T t by torch. Saved for backward: x_l (x without dropout) and t = x_l A^T.
 For M <= GEMV_MAX_M rows (decoding) a GEMV-style kernel reads each packed byte once and applies each block's
-scale to the partial sums instead of to every weight.
+scale to the partial sums instead of to every weight: for M <= WORDS_MAX_M the word GEMV (the weight as int32
+words, CUDA-core products), above it the tile GEMV (tensor-core dots, K split over programs).
 
 CPU without the interpreter: `dequantize` (a per-call transient copy) and torch matmuls, the same math as
 `reference`.
