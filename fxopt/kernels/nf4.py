@@ -158,6 +158,23 @@ if triton is not None:
         tl.store(OUT + e + 1, (tl.load(CODE + (b & 15)) * scale).to(OUT.dtype.element_ty), mask=e + 1 < NK)
 
     @triton.jit
+    def _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
+                     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+        """acc [BLOCK_M, BLOCK_N] + scale * T[load_m, :R] @ L[:R, load_n]. USE_DOT: tensor cores, the scale folded
+        into the T tile as in fxopt/kernels/lora.py; else a broadcast multiply-sum in fp32 (few rows)."""
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            mr = (r0 + rr) < R
+            t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :], other=0.0)
+            lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
+                         other=0.0)
+            if USE_DOT:
+                acc = tl.dot((t.to(tl.float32) * scale).to(t.dtype), lo, acc, input_precision=PRECISION)
+            else:
+                acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo.to(tl.float32)[None, :, :], axis=1)
+        return acc
+
+    @triton.jit
     def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # GROUP_M row-blocks share their column-blocks of the weight while they sit in L2
         pid = tl.program_id(0)
@@ -200,17 +217,9 @@ if triton is not None:
             acc = tl.dot(x_e, w_e.to(x.dtype), acc, input_precision=PRECISION)
             acc = tl.dot(x_o, w_o.to(x.dtype), acc, input_precision=PRECISION)
 
-        if HAS_LORA:
-            # as in fxopt/kernels/lora.py: the scale folded into the T tile, the product in the same accumulator
-            rr = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                mr = (r0 + rr) < R
-                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
-                            other=0.0)
-                t = (t.to(tl.float32) * scale).to(t.dtype)
-                lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
-                             other=0.0)
-                acc = tl.dot(t, lo, acc, input_precision=PRECISION)
+        if HAS_LORA:  # the low-rank term in the same accumulator
+            acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
+                               True, PRECISION, BLOCK_R)
 
         mask_n = offs_n < N
         if HAS_BIAS:
@@ -322,18 +331,8 @@ if triton is not None:
         mask_n = offs_n < N
         if pid_k == 0:
             if HAS_LORA:
-                rr = tl.arange(0, BLOCK_R)
-                for r0 in range(0, R, BLOCK_R):
-                    mr = (r0 + rr) < R
-                    t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr,
-                                mask=mr[None, :], other=0.0)
-                    lo = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln,
-                                 mask=mr[:, None], other=0.0)
-                    if USE_DOT:
-                        acc = tl.dot((t.to(tl.float32) * scale).to(t.dtype), lo, acc, input_precision=PRECISION)
-                    else:
-                        acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo.to(tl.float32)[None, :, :],
-                                      axis=1)
+                acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
+                                   USE_DOT, PRECISION, BLOCK_R)
             if HAS_BIAS:
                 acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out_ptrs = OUT + pid_k * stride_os + rm[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -396,14 +395,8 @@ if triton is not None:
         load_m = (rm % M).to(tl.int64)
         mask_n = offs_n < N
         if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            for r0 in range(0, R, BLOCK_R):
-                mr = (r0 + rr) < R
-                t = tl.load(T + load_m[:, None] * stride_tm + (r0 + rr)[None, :] * stride_tr, mask=mr[None, :],
-                            other=0.0)
-                lo_ = tl.load(L + (r0 + rr)[:, None] * stride_lr + load_n[None, :] * stride_ln, mask=mr[:, None],
-                              other=0.0)
-                acc += tl.sum((t.to(tl.float32) * scale)[:, :, None] * lo_.to(tl.float32)[None, :, :], axis=1)
+            acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
+                               False, "ieee", BLOCK_R)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
