@@ -135,6 +135,17 @@ def _words_max_m(value, x, args):
         nf4.WORDS_MAX_M = old
 
 
+def _gemv_max_m(value, x, args):
+    """The op with nf4.GEMV_MAX_M set to value: above it, dequantize + cuBLAS (the training-sized path)."""
+    from fxopt.kernels import nf4
+
+    old, nf4.GEMV_MAX_M = nf4.GEMV_MAX_M, value
+    try:
+        return torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
+    finally:
+        nf4.GEMV_MAX_M = old
+
+
 def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
     import bitsandbytes as bnb
 
@@ -152,8 +163,9 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
                  "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
         if m <= nf4.WORDS_MAX_M:  # what M <= 4 took before the word GEMV: the tile GEMV (split K, CUDA cores)
             impls["fxopt_tile"] = functools.partial(_words_max_m, 0, x, args)
-        else:  # the word GEMV where the tile GEMV (tensor cores) runs: where the threshold should be
+        else:  # the word GEMV, and dequantize + cuBLAS, where the tile GEMV (tensor cores) runs: which is fastest
             impls["fxopt_words"] = functools.partial(_words_max_m, nf4.GEMV_MAX_M, x, args)
+            impls["fxopt_dequant"] = functools.partial(_gemv_max_m, nf4.WORDS_MAX_M, x, args)
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6)
             try:
@@ -221,9 +233,10 @@ def tables(rows, gpu) -> str:
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
         lines += [f"Decode-sized forward (no_grad): GB/s of packed weight read (% of {CEILING_GBS:.0f} GB/s). bnb = "
-                  "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, the tile GEMV above); fxopt_tile = the tile GEMV "
-                  "at M <= 4 (what ran there before the word GEMV); fxopt_words = the word GEMV at M > 4. 'graph': "
-                  "replayed in a CUDA graph (no launch overhead).", "",
+                  "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, the tile GEMV above); fxopt_tile = the "
+                  "tile GEMV at M <= 4 (what ran there before the word GEMV); fxopt_words = the word GEMV at M > 4; "
+                  "fxopt_dequant = dequantize + cuBLAS at M > 4. 'graph': replayed in a CUDA graph (no launch "
+                  "overhead).", "",
                   "| shape (N x K) | M | impl | us | GB/s | graph us | graph GB/s | rel err |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in decode:
