@@ -19,11 +19,13 @@ import torch
 from fxopt.cache_key import FxoptVersion
 from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
+from fxopt.precompile import Precompile, fused_calls, joined_before_first_call
 from fxopt.passes.canonicalize import canonicalize
 from fxopt.recompute import RecomputeForward, in_graph
 from fxopt.report import MatchRecord, Report
 
 _graph_ids = itertools.count()
+_PRECOMPILE_ON_CPU = False  # tests: run the precompile thread on CPU graphs too (kernels interpreted)
 
 
 @dataclass
@@ -143,7 +145,18 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        return _inner(config.inner_backend, cudagraphs, block_graph and in_graph(config))(gm, example_inputs)
+        pre = None
+        if config.precompile and (cuda or _PRECOMPILE_ON_CPU) and supported and fused_calls(gm):
+            pre = Precompile(gm, example_inputs)  # fxopt's kernels compile while the inner backend compiles
+        compiled = _inner(config.inner_backend, cudagraphs, block_graph and in_graph(config))(gm, example_inputs)
+        if pre is None:
+            return compiled
+
+        def noted(p):
+            if p.errors:
+                report.note(f"precompile of {graph_name} stopped early (the first call compiles the rest): "
+                            f"{p.errors[0]}")
+        return joined_before_first_call(compiled, pre, noted)
 
     fxopt_compile.report = report
     return fxopt_compile

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import os
+import threading
 import warnings
 
 import torch
@@ -133,13 +134,44 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+_compile_only = threading.local()  # set in fxopt.precompile's thread: launches become compile-only warmups
+
+
+@contextlib.contextmanager
+def compiling_only():
+    """In this thread, `launch` compiles (and loads) the kernels it would launch, every config of a tuned one, and
+    launches nothing (fxopt.precompile). The outputs the kernels would write stay as allocated."""
+    _compile_only.on = True
+    try:
+        yield
+    finally:
+        _compile_only.on = False
+
+
+def _warmup(kernel, tuned, grid, args, flags: dict, fixed: dict) -> None:
+    if tuned is not None and DETERMINISTIC:
+        cfg = tuned.configs[0]
+        compiled = [kernel.warmup(*args, grid=grid, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)]
+    elif tuned is not None:
+        compiled = tuned.warmup(*args, grid=grid, **flags)
+    else:
+        compiled = [kernel.warmup(*args, grid=grid, **flags, **fixed)]
+    for k in compiled:
+        init = getattr(k, "_init_handles", None)  # loads the binary and builds the launcher, as a launch would
+        if init is not None:
+            init()
+
+
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
-    config of the tuning list: the same every run."""
+    config of the tuning list: the same every run. In a `compiling_only` thread: compile, do not launch."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
-        if tuned is not None and DETERMINISTIC:
+        if getattr(_compile_only, "on", False):
+            _warmup(kernel, tuned, grid, args, flags, fixed)
+        elif tuned is not None and DETERMINISTIC:
             cfg = tuned.configs[0]
             kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         elif tuned is not None:
