@@ -123,3 +123,31 @@ def test_stand_ins_keep_layout_and_grad():
     r = precompile._stand_in(real, real=True)
     assert r.is_leaf and r.requires_grad and r is not real and r.data_ptr() == real.data_ptr()
     del fake
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_same_training_every_op_warmed(monkeypatch):
+    """On the GPU (real compile-only warmups): a bf16 Llama with LoRA trains bit for bit as without precompile,
+    and the thread warms every fused op kind without errors."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    started = []
+    real = backend.Precompile
+
+    def record(*args):
+        started.append(real(*args))
+        return started[-1]
+
+    monkeypatch.setattr(backend, "Precompile", record)
+    model = tiny_lora_model("llama", dtype=torch.bfloat16).cuda()
+    ref = twin(model)
+    b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
+    opt = fxopt.optimize(model, precompile=True)
+    plain = fxopt.optimize(ref, precompile=False)
+    for _ in range(2):
+        loss, grads = _step(opt, b)
+        want_loss, want = _step(plain, b)
+        assert torch.equal(loss, want_loss)
+        assert all(torch.equal(grads[k], want[k]) for k in want)
+    assert started and all(not p.errors for p in started), [p.errors for p in started]
+    assert {t for p in started for t in p.done} == {str(n.target) for p in started for n in p.calls}
