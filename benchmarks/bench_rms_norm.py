@@ -1,7 +1,8 @@
-"""Microbenchmark of torch.ops.fxopt.rms_norm against eager PyTorch and torch.compile (Inductor) of the same
-Hugging Face math, bf16 activations:
+"""Microbenchmark of torch.ops.fxopt.rms_norm (and fxopt.layer_norm) against eager PyTorch and torch.compile
+(Inductor) of the same Hugging Face math, bf16 activations:
 
     s = x + residual (optional);  out = w * (s.float() * rsqrt(mean(s.float()^2, -1) + eps)).to(bf16)
+    LayerNorm cases: out = F.layer_norm(s, (N,), w, b, eps) (nn.LayerNorm's math, bf16 weight and bias)
 
 Cases (M rows x N hidden): the decoder norms of 1B/8B/70B-shaped models (M = 8192 tokens, N = 2048, 4096,
 8192), alone and fused with the residual add before them; per-head q/k norms (M = 8192 tokens x 32 heads,
@@ -27,7 +28,7 @@ from kernel_results import environment, gpu_ready, md_cell, parser, write
 
 CEILING_GBS = 3000.0  # HBM bandwidth measured on the H100 of the device machine
 TOKENS, EPS = 8192, 1e-6
-# name: (rows, hidden, residual, cast_then_scale, weight trained)
+# name: (rows, hidden, residual, cast_then_scale, weight trained[, "layer": a LayerNorm with weight and bias])
 CASES = {
     "1B norm": (TOKENS, 2048, False, True, False),
     "1B add+norm": (TOKENS, 2048, True, True, False),
@@ -38,17 +39,28 @@ CASES = {
     "q/k norm (head_dim 128)": (TOKENS * 32, 128, False, True, False),
     "gemma add+norm (scale_then_cast)": (TOKENS, 2048, True, False, False),
     "chunked row (16384)": (TOKENS // 2, 16384, True, True, False),
+    "1B LayerNorm": (TOKENS, 2048, False, True, False, "layer"),
+    "1B add+LayerNorm": (TOKENS, 2048, True, True, False, "layer"),
+    "8B add+LayerNorm, w trained": (TOKENS, 4096, True, True, True, "layer"),
 }
 
 
-def hf_math(x, w, residual, cast_then_scale):
-    """What the Hugging Face modules compute (eager, and what torch.compile is given)."""
+def hf_math(x, w, residual, cast_then_scale, bias=None):
+    """What the Hugging Face modules compute (eager, and what torch.compile is given); a bias: LayerNorm."""
+    if bias is not None:  # nn.LayerNorm after the residual add
+        s = x if residual is None else x + residual
+        out = torch.nn.functional.layer_norm(s, (s.shape[-1],), w, bias, EPS)
+        return out if residual is None else (out, s)
     from fxopt.kernels.rms_norm import reference
 
     return reference(x, w, EPS, residual, 0.0 if cast_then_scale else 1.0, cast_then_scale)
 
 
-def fxopt_op(x, w, residual, cast_then_scale):
+def fxopt_op(x, w, residual, cast_then_scale, bias=None):
+    if bias is not None:
+        from fxopt.kernels.layer_norm import layer_norm_fn
+
+        return layer_norm_fn(x, w, bias, EPS, residual)
     from fxopt.kernels.rms_norm import rms_norm_fn
 
     return rms_norm_fn(x, w, EPS, residual, 0.0 if cast_then_scale else 1.0, cast_then_scale)
@@ -63,7 +75,8 @@ def rel_err(a, b):
 
 
 def bench_case(name, case, do_bench, compiled, dev="cuda"):
-    m, n, residual, cts, w_trained = case
+    m, n, residual, cts, w_trained = case[:5]
+    layer = case[5:] == ("layer",)
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*size, dtype=torch.bfloat16, std=1.0, mean=0.0):
@@ -72,14 +85,15 @@ def bench_case(name, case, do_bench, compiled, dev="cuda"):
     x = randn(m, n).requires_grad_()
     r = randn(m, n).requires_grad_() if residual else None
     w = randn(n, std=0.1, mean=1.0 if cts else 0.0).requires_grad_(w_trained)
+    bias = randn(n, std=0.1).requires_grad_(w_trained) if layer else None
     grads = [randn(m, n)] + ([randn(m, n)] if residual else [])  # d out, and d s (the next residual add)
-    leaves = [t for t in (x, r, w) if t is not None and t.requires_grad]
+    leaves = [t for t in (x, r, w, bias) if t is not None and t.requires_grad]
 
     def d64(t):
         return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
 
     x64, r64, w64 = d64(x), d64(r), d64(w)
-    ref = _as_list(hf_math(x64, w64, r64, cts))
+    ref = _as_list(hf_math(x64, w64, r64, cts, d64(bias)))
     (ref_dx,) = torch.autograd.grad(ref, [x64], [g.double() for g in grads])
     del x64, r64, w64, ref[1:]
 
@@ -89,19 +103,20 @@ def bench_case(name, case, do_bench, compiled, dev="cuda"):
     rows = []
     impls = [("eager", hf_math), ("compile", compiled), ("fxopt", fxopt_op)]
     for impl, fn in impls:
-        row = dict(case=name, M=m, N=n, residual=residual, variant="cast_then_scale" if cts else "scale_then_cast",
+        row = dict(case=name, M=m, N=n, residual=residual,
+                   variant="layer_norm" if layer else "cast_then_scale" if cts else "scale_then_cast",
                    weight_trained=w_trained, impl=impl, fwd_mb=fwd_bytes / 1e6, bwd_mb=bwd_bytes / 1e6)
         try:
-            outs = _as_list(fn(x, w, r, cts))
+            outs = _as_list(fn(x, w, r, cts, bias))
             (dx,) = torch.autograd.grad(outs, [x], grads)
             row.update(rel_err_out=rel_err(outs[0], ref[0]), rel_err_dx=rel_err(dx, ref_dx))
             del outs, dx
 
             def fwd():
-                fn(x, w, r, cts)
+                fn(x, w, r, cts, bias)
 
             def fwd_bwd():
-                torch.autograd.backward(_as_list(fn(x, w, r, cts)), grads)
+                torch.autograd.backward(_as_list(fn(x, w, r, cts, bias)), grads)
 
             row["fwd_ms"] = do_bench(fwd, warmup=25, rep=100, return_mode="median")
             row["fwd_bwd_ms"] = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
@@ -124,7 +139,7 @@ def bench_case(name, case, do_bench, compiled, dev="cuda"):
 
 def table(rows, gpu) -> str:
     lines = [
-        f"torch.ops.fxopt.rms_norm vs eager and torch.compile (Inductor) on {gpu}, bf16 activations, median of "
+        f"torch.ops.fxopt.rms_norm (LayerNorm cases: fxopt.layer_norm) vs eager and torch.compile (Inductor) on {gpu}, bf16 activations, median of "
         f"triton.testing.do_bench. GB/s on the bytes a fused kernel must move; % of the {CEILING_GBS:.0f} GB/s "
         "ceiling. rel err: ||x - ref|| / ||ref|| against float64.",
         "",
@@ -156,6 +171,7 @@ def main():
         return
     from triton.testing import do_bench
 
+    import fxopt.kernels.layer_norm  # noqa: F401  (registers torch.ops.fxopt.layer_norm)
     import fxopt.kernels.rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
 
     names = [s.strip() for s in args.cases.split(",") if s.strip()] or list(CASES)
