@@ -139,8 +139,8 @@ def bench_case(name, case, do_bench, compiled, dev="cuda"):
 
 def table(rows, gpu) -> str:
     lines = [
-        f"torch.ops.fxopt.rms_norm (LayerNorm cases: fxopt.layer_norm) vs eager and torch.compile (Inductor) on {gpu}, bf16 activations, median of "
-        f"triton.testing.do_bench. GB/s on the bytes a fused kernel must move; % of the {CEILING_GBS:.0f} GB/s "
+        f"torch.ops.fxopt.rms_norm (LayerNorm cases: fxopt.layer_norm) vs eager and torch.compile (Inductor) on "
+        f"{gpu}, bf16 activations, median of triton.testing.do_bench. GB/s on the bytes a fused kernel must move; % of the {CEILING_GBS:.0f} GB/s "
         "ceiling. rel err: ||x - ref|| / ||ref|| against float64.",
         "",
         "| case (M x N) | impl | fwd ms | fwd GB/s (%) | fwd+bwd ms | fwd+bwd GB/s (%) | fxopt speedup vs eager / compile "
