@@ -124,26 +124,16 @@ def bench_train(name, n, k, do_bench):
     return rows
 
 
-def _words_max_m(value, x, args):
-    """The op with nf4.WORDS_MAX_M set to value: which GEMV kernel an M takes."""
+def _with(setting, value, x, args):
+    """The op with nf4.<setting> (WORDS_MAX_M or GEMV_MAX_M) set to value: which kernel path an M takes."""
     from fxopt.kernels import nf4
 
-    old, nf4.WORDS_MAX_M = nf4.WORDS_MAX_M, value
+    old = getattr(nf4, setting)
+    setattr(nf4, setting, value)
     try:
         return torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
     finally:
-        nf4.WORDS_MAX_M = old
-
-
-def _gemv_max_m(value, x, args):
-    """The op with nf4.GEMV_MAX_M set to value: above it, dequantize + cuBLAS (the training-sized path)."""
-    from fxopt.kernels import nf4
-
-    old, nf4.GEMV_MAX_M = nf4.GEMV_MAX_M, value
-    try:
-        return torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])
-    finally:
-        nf4.GEMV_MAX_M = old
+        setattr(nf4, setting, old)
 
 
 def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
@@ -162,10 +152,10 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
         impls = {"bnb": lambda: bnb.matmul_4bit(x, qweight, state),
                  "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
         if m <= nf4.WORDS_MAX_M:  # what M <= 4 took before the word GEMV: the tile GEMV (split K, CUDA cores)
-            impls["fxopt_tile"] = functools.partial(_words_max_m, 0, x, args)
+            impls["fxopt_tile"] = functools.partial(_with, "WORDS_MAX_M", 0, x, args)
         else:  # the word GEMV, and dequantize + cuBLAS, where the tile GEMV (tensor cores) runs: which is fastest
-            impls["fxopt_words"] = functools.partial(_words_max_m, nf4.GEMV_MAX_M, x, args)
-            impls["fxopt_dequant"] = functools.partial(_gemv_max_m, nf4.WORDS_MAX_M, x, args)
+            impls["fxopt_words"] = functools.partial(_with, "WORDS_MAX_M", nf4.GEMV_MAX_M, x, args)
+            impls["fxopt_dequant"] = functools.partial(_with, "GEMV_MAX_M", nf4.WORDS_MAX_M, x, args)
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6)
             try:

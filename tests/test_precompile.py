@@ -13,9 +13,8 @@ from fxopt.kernels import common
 from tests.models import batch, lora_grads, tiny_lora_model, twin
 
 
-@pytest.fixture
-def on_cpu(monkeypatch):
-    """Precompile on CPU graphs too, and every Precompile the backend starts, recorded."""
+def _recorded(monkeypatch) -> list:
+    """Every Precompile the backend starts from now on, recorded."""
     started = []
     real = backend.Precompile
 
@@ -23,9 +22,15 @@ def on_cpu(monkeypatch):
         started.append(real(*args))
         return started[-1]
 
-    monkeypatch.setattr(backend, "_PRECOMPILE_ON_CPU", True)
     monkeypatch.setattr(backend, "Precompile", record)
     return started
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Precompile on CPU graphs too, and every Precompile the backend starts, recorded."""
+    monkeypatch.setattr(backend, "_PRECOMPILE_ON_CPU", True)
+    return _recorded(monkeypatch)
 
 
 def _step(model, b):
@@ -131,14 +136,7 @@ def test_gpu_bf16_same_training_every_op_warmed(monkeypatch):
     and the thread warms every fused op kind without errors."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    started = []
-    real = backend.Precompile
-
-    def record(*args):
-        started.append(real(*args))
-        return started[-1]
-
-    monkeypatch.setattr(backend, "Precompile", record)
+    started = _recorded(monkeypatch)
     model = tiny_lora_model("llama", dtype=torch.bfloat16).cuda()
     ref = twin(model)
     b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
