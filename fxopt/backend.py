@@ -21,7 +21,7 @@ from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
 from fxopt.precompile import Precompile, fused_calls, joined_before_first_call
 from fxopt.passes.canonicalize import canonicalize
-from fxopt.recompute import RecomputeForward, in_graph
+from fxopt.recompute import joint_pass
 from fxopt.report import MatchRecord, Report
 
 _graph_ids = itertools.count()
@@ -45,17 +45,17 @@ class PassContext:
         return name
 
 
-def _inner(name: str, cudagraphs: bool = False, recompute: bool = False):
-    """The inner backend. `recompute` (Inductor only, see recompute.in_graph): the graph's backward recomputes
-    its forward, so it saves only its inputs."""
+def _inner(name: str, cudagraphs: bool = False, joint=None):
+    """The inner backend. `joint` (Inductor only, see recompute.joint_pass): a joint-graph pre-pass choosing what
+    the graph's backward recomputes instead of saving (memory="recompute": its whole forward; "norms": its norms)."""
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
         patches = {"joint_custom_post_pass": FxoptVersion()}  # fxopt's code in the compile-cache key
         if cudagraphs:
             patches["triton.cudagraphs"] = True
-        if recompute:
-            patches["joint_custom_pre_pass"] = RecomputeForward()
+        if joint is not None:
+            patches["joint_custom_pre_pass"] = joint
         return functools.partial(compile_fx, config_patches=patches)
     return torch._dynamo.lookup_backend(name)
 
@@ -148,7 +148,8 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         pre = None
         if config.precompile and (cuda or _PRECOMPILE_ON_CPU) and supported and fused_calls(gm):
             pre = Precompile(gm, example_inputs)  # fxopt's kernels compile while the inner backend compiles
-        compiled = _inner(config.inner_backend, cudagraphs, block_graph and in_graph(config))(gm, example_inputs)
+        joint = joint_pass(config) if block_graph else None
+        compiled = _inner(config.inner_backend, cudagraphs, joint)(gm, example_inputs)
         if pre is None:
             return compiled
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-MEMORY_POLICIES = ("none", "recompute", "offload")
+MEMORY_POLICIES = ("none", "norms", "recompute", "offload")
 FROZEN_FP32 = ("keep", "compute_dtype")  # fxopt.precision
 
 
@@ -42,6 +42,9 @@ class OptimizeConfig:
                    read it after that, so read or clone it first. CUDA + Inductor only (ignored elsewhere).
     memory:        activation memory policy of the repeated decoder blocks in training (needs regional=True):
                    "none" (default: every block keeps what its backward needs; the fastest),
+                   "norms": the blocks' norm outputs (what their LoRA linears save) are recomputed in the backward
+                   from what the norms save anyway: two [tokens x hidden] tensors fewer per block, for one more
+                   norm kernel each (Inductor only; otherwise as "none"),
                    "recompute": each block keeps only its inputs and its compiled backward recomputes the
                    fused forward (activation checkpointing, as HF's gradient_checkpointing but for any model;
                    inside the graph with Inductor, so CUDA graphs stay on),

@@ -1,4 +1,5 @@
-"""memory="recompute" inside the compiled graph: the block's backward graph recomputes its forward.
+"""memory="recompute" inside the compiled graph: the block's backward graph recomputes its forward; and
+memory="norms": it recomputes only the norms.
 
 AOTAutograd traces a block's forward and backward as one joint graph and then partitions it: what the
 forward saves for the backward is chosen by a min-cut, and a node tagged MUST_RECOMPUTE is always placed in
@@ -12,6 +13,8 @@ RNG state and replays it in the backward (run_and_save_rng_state / run_with_rng_
 so the recompute draws the same numbers (tests/test_memory_policy.py checks a dropout mask).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -45,6 +48,43 @@ class RecomputeForward(CustomGraphPass):
 
     def uuid(self):  # Inductor's caches key compiled graphs by this
         return "fxopt.recompute.RecomputeForward.v2"
+
+
+NORM_OPS = ("rms_norm", "layer_norm")  # fxopt's norm ops (torch.ops.fxopt.<name>)
+
+
+class RecomputeNorms(CustomGraphPass):
+    """memory="norms": the joint-graph pre-pass that tags only the forward's norm ops (fxopt::rms_norm,
+    fxopt::layer_norm) and the getitems of their outputs for recompute. A norm's output feeds the block's LoRA
+    linears, which save it for their dA ([tokens x hidden] per norm); recomputed in the backward from what the
+    norm's own backward saves anyway (its input; with the residual add folded, the two addends instead of the sum),
+    two such tensors per decoder block are not kept, for one more norm kernel each in the backward."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in forward_nodes(graph):
+            norm = node if _is_norm(node) else None
+            if norm is None and node.target is operator.getitem and _is_norm(node.args[0]):
+                norm = node.args[0]
+            if norm is not None:
+                node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                node.meta["ac_graph_id"] = 0
+
+    def uuid(self):
+        return "fxopt.recompute.RecomputeNorms.v1"
+
+
+def _is_norm(node) -> bool:
+    target = getattr(node, "target", None)
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and getattr(target, "namespace", None) == "fxopt"
+            and target._overloadpacket.__name__ in NORM_OPS)
+
+
+def joint_pass(config):
+    """The joint-graph pre-pass a block graph is compiled with under `config` (an OptimizeConfig), or None."""
+    if config.inner_backend != "inductor":
+        return None
+    return {"recompute": RecomputeForward(), "norms": RecomputeNorms()}.get(config.memory)
 
 
 def in_graph(config) -> bool:

@@ -35,7 +35,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none", in_graph: bool = False) -> None:
     """`in_graph` (fxopt.recompute.in_graph): the backend recomputes the blocks inside their compiled graphs,
     so memory="recompute" runs the regular path, without torch.utils.checkpoint."""
-    checkpointed = {"none": None, "recompute": None if in_graph else _recompute, "offload": _offloaded}[memory]
+    checkpointed = {"none": None, "norms": None, "recompute": None if in_graph else _recompute,
+                    "offload": _offloaded}[memory]
     for block in blocks:
         if getattr(block, "_fxopt_compiled", False):
             continue
@@ -45,7 +46,7 @@ def compile_blocks(blocks: nn.ModuleList, backend, dynamic, memory: str = "none"
         regular = _skipped_frame(_caller(plain))
         compiled = torch.compile(plain, backend=backend, dynamic=dynamic)
         block.forward = _skipped_frame(_forward(block, regular, compiled, wraps_checkpoint, checkpointed,
-                                                memory == "none"))
+                                                memory in ("none", "norms")))
         block._fxopt_compiled = True
 
 

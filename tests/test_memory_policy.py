@@ -118,7 +118,7 @@ def test_recompute_pass_keeps_random_draws():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("memory", ["recompute", "offload"])
+@pytest.mark.parametrize("memory", ["norms", "recompute", "offload"])
 def test_bf16_model_under_memory_policy_on_gpu(memory):
     """On the GPU (Inductor, every pass; CUDA graphs under recompute): three training steps with the policy
     are as accurate as the unoptimized bf16 model."""
@@ -182,3 +182,32 @@ def test_every_pass_under_recompute():
     report = fxopt.report(model)
     for name in ("lora", "swiglu", "attention", "rms_norm"):
         assert report.matched(name), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_norms_recomputes_the_norm_outputs(family):
+    """memory="norms" (Inductor): the blocks' norm outputs are recomputed in the backward, not saved: exactly two
+    [tokens x hidden] tensors per block fewer (Qwen3's per-head q/k norms too: their outputs feed RoPE, which
+    saves nothing of them), and the model trains as unoptimized."""
+    model = tiny_lora_model(family)
+    ref = twin(model)
+    plain = twin(model)
+    fxopt.optimize(model, memory="norms")
+    fxopt.optimize(plain)
+    b = batch(seq=32)
+    assert_same_training(model, ref, b)
+    assert_same_training(model, ref, batch(seq=32, seed=2))
+    assert fxopt.report(model).matched("rms_norm")
+    cfg = model.config
+    tokens, hidden, layers = 2 * 32, cfg.hidden_size, cfg.num_hidden_layers
+    two_per_block = 2 * tokens * hidden * 4 * layers
+    saved = saved_bytes(plain, b) - saved_bytes(model, b)
+    assert two_per_block <= saved <= 1.1 * two_per_block, (saved, two_per_block)
+
+
+def test_norms_only_with_inductor():
+    from fxopt.recompute import RecomputeNorms, joint_pass
+
+    assert isinstance(joint_pass(fxopt.OptimizeConfig(memory="norms")), RecomputeNorms)
+    assert joint_pass(fxopt.OptimizeConfig(memory="norms", inner_backend="aot_eager")) is None
+    assert joint_pass(fxopt.OptimizeConfig()) is None
