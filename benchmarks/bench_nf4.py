@@ -151,7 +151,7 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
         ref = x.float() @ w.float().t()
         impls = {"bnb": lambda: bnb.matmul_4bit(x, qweight, state),
                  "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
-        if m <= nf4.WORDS_MAX_M:  # what M <= 4 took before the word GEMV: the tile GEMV (split K, CUDA cores)
+        if m <= nf4.WORDS_MAX_M:  # the tile GEMV (tensor cores, split K) where the word GEMV runs
             impls["fxopt_tile"] = functools.partial(_with, "WORDS_MAX_M", 0, x, args)
         else:  # the word GEMV, and dequantize + cuBLAS, where the tile GEMV (tensor cores) runs: which is fastest
             impls["fxopt_words"] = functools.partial(_with, "WORDS_MAX_M", nf4.GEMV_MAX_M, x, args)
@@ -224,7 +224,7 @@ def tables(rows, gpu) -> str:
     if decode:
         lines += [f"Decode-sized forward (no_grad): GB/s of packed weight read (% of {CEILING_GBS:.0f} GB/s). bnb = "
                   "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, the tile GEMV above); fxopt_tile = the "
-                  "tile GEMV at M <= 4 (what ran there before the word GEMV); fxopt_words = the word GEMV at M > 4; "
+                  "tile GEMV (tensor cores) at M <= 4; fxopt_words = the word GEMV at M > 4; "
                   "fxopt_dequant = dequantize + cuBLAS at M > 4. 'graph': replayed in a CUDA graph (no launch "
                   "overhead).", "",
                   "| shape (N x K) | M | impl | us | GB/s | graph us | graph GB/s | rel err |",

@@ -145,9 +145,9 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        pre = None
-        if config.precompile and (cuda or _PRECOMPILE_ON_CPU) and supported and fused_calls(gm):
-            pre = Precompile(gm, example_inputs)  # fxopt's kernels compile while the inner backend compiles
+        calls = fused_calls(gm) if config.precompile and (cuda or _PRECOMPILE_ON_CPU) and supported else []
+        # fxopt's kernels compile in a thread while the inner backend compiles
+        pre = Precompile(gm, example_inputs, calls) if calls else None
         joint = joint_pass(config) if block_graph else None
         compiled = _inner(config.inner_backend, cudagraphs, joint)(gm, example_inputs)
         if pre is None:

@@ -6,7 +6,8 @@ workload: ~15 s of its 35 s first step). The kernels' arguments are known once t
 each fused op's inputs have the shapes, strides and dtypes of the values the graph was traced with. So, before
 Inductor compiles the graph, a thread calls each distinct fused op (and its backward) on stand-in tensors of those
 layouts with every Triton launch replaced by a compile-only warmup (common.launch under `compiling_only`): the
-kernels (all configs of a tuned one) are compiled and loaded, nothing is launched, so the stand-ins' values never
+kernels (all configs of a tuned one) are compiled and loaded, nothing is launched (every fxopt kernel goes through
+common.launch), so the stand-ins' values never
 matter (they are zeros). The graph's compiled function joins the thread before its first call, so no real work
 ever runs beside it; the autotuners then only time the configs, already compiled.
 
@@ -136,14 +137,14 @@ def _warm(calls, inputs: dict, done: list, errors: list) -> None:
 
 
 class Precompile:
-    """The background compile of one graph's fused ops; `join` waits for it."""
+    """The background compile of one graph's fused ops `calls`; `join` waits for it."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, calls: list):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = inputs = dict(zip(placeholders, example_inputs))
         self.done: list[str] = []
         self.errors: list[str] = []
-        self.calls = fused_calls(gm)
+        self.calls = calls
         self.thread = threading.Thread(target=_warm, args=(self.calls, inputs, self.done, self.errors),
                                        name="fxopt-precompile", daemon=True)
         self.thread.start()

@@ -50,9 +50,6 @@ class RecomputeForward(CustomGraphPass):
         return "fxopt.recompute.RecomputeForward.v2"
 
 
-NORM_OPS = ("rms_norm", "layer_norm")  # fxopt's norm ops (torch.ops.fxopt.<name>)
-
-
 class RecomputeNorms(CustomGraphPass):
     """memory="norms": the joint-graph pre-pass that tags only the forward's norm ops (fxopt::rms_norm,
     fxopt::layer_norm) and the getitems of their outputs for recompute. A norm's output feeds the block's LoRA
@@ -74,10 +71,10 @@ class RecomputeNorms(CustomGraphPass):
 
 
 def _is_norm(node) -> bool:
-    target = getattr(node, "target", None)
+    from fxopt.kernels import layer_norm, rms_norm  # noqa: F401  (register the ops)
+
     return (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and getattr(target, "namespace", None) == "fxopt"
-            and target._overloadpacket.__name__ in NORM_OPS)
+            and node.target in (torch.ops.fxopt.rms_norm.default, torch.ops.fxopt.layer_norm.default))
 
 
 def joint_pass(config):

@@ -99,19 +99,22 @@ def test_compile_only_launch_writes_nothing():
 
 
 def test_inputs_without_a_value_are_skipped():
-    """A fused call whose input has no recorded value (and is no placeholder) is left to the first real call."""
+    """A fused call whose input has no recorded value, is no placeholder and cannot be evaluated (in place) is left
+    to the first real call."""
+    import fxopt.kernels.rms_norm  # noqa: F401  (registers the op)
+
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    y = g.call_function(torch.relu, (x,))  # no example value recorded (made in place below)
-    z = g.call_function(torch.ops.fxopt.rms_norm.default if hasattr(torch.ops.fxopt, "rms_norm") else torch.relu,
-                        (y,))
+    y = g.call_function(torch.Tensor.relu_, (x,))  # no example value recorded, and in place: never evaluated
+    z = g.call_function(torch.ops.fxopt.rms_norm.default, (y, x, None, 1e-6, 0.0, True))
     g.output(z)
     gm = torch.fx.GraphModule(torch.nn.Module(), g)
-    y.target = torch.Tensor.relu_  # in place: never evaluated by the thread
+    calls = precompile.fused_calls(gm)
+    assert calls == [z]
     with pytest.raises(LookupError):
         precompile._args((y,), {x: torch.ones(3)}, {})
     done, errors = [], []
-    precompile._warm(precompile.fused_calls(gm), {x: torch.ones(3)}, done, errors)
+    precompile._warm(calls, {x: torch.ones(3)}, done, errors)
     assert done == [] and errors == []
 
 

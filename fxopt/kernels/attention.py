@@ -62,7 +62,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import (interpreted, kernel_scope, launch, new_output, on_device, shared_memory_limit, tanh,
+from fxopt.kernels.common import (interpreted, launch, new_output, shared_memory_limit, tanh,
                                   use_triton, with_fallback)
 
 _INTERPRETED = False
@@ -667,10 +667,9 @@ def _summarise(mask: Tensor) -> Tensor:
     T = triton.cdiv(S, 16)
     out = torch.empty((8, Bm, T), dtype=torch.int32, device=mask.device)
     m = mask.view(torch.uint8)
-    with kernel_scope(_summary_kernel, mask.device):
-        for first, (sr, sc) in ((0, (m.stride(2), m.stride(3))), (4, (m.stride(3), m.stride(2)))):
-            _summary_kernel[(T, Bm)](m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T,
-                                     TILES=4 if _INTERPRETED else 16)
+    for first, (sr, sc) in ((0, (m.stride(2), m.stride(3))), (4, (m.stride(3), m.stride(2)))):
+        launch(_summary_kernel, None, lambda _: (T, Bm), (m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T),
+               dict(TILES=4 if _INTERPRETED else 16), {}, mask.device)
     return out
 
 
@@ -910,10 +909,9 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     delta = _new_output((B, Hq, S), torch.float32, q.device)
     # a [rows, BLOCK_D] tile of O and of dO in registers: fewer rows for wide heads
     block = 16 if _INTERPRETED else max(16, min(64, 8192 // flags["BLOCK_D"]))
-    with on_device(q.device):
-        _delta_kernel[(_num_blocks(S, block), B * Hq)](
-            out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out), HEAD_DIM=D,
-            BLOCK_D=flags["BLOCK_D"], BLOCK_M=block)
+    launch(_delta_kernel, None, lambda _: (_num_blocks(S, block), B * Hq),
+           (out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out)),
+           dict(HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block), {}, q.device)
     pad, spb, sps = _pad_args(key_padding, lse)
     m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)

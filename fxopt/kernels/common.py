@@ -148,36 +148,28 @@ def compiling_only():
         _compile_only.on = False
 
 
-def _warmup(kernel, tuned, grid, args, flags: dict, fixed: dict) -> None:
-    if tuned is not None and DETERMINISTIC:
-        cfg = tuned.configs[0]
-        compiled = [kernel.warmup(*args, grid=grid, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                  num_stages=cfg.num_stages)]
-    elif tuned is not None:
-        compiled = tuned.warmup(*args, grid=grid, **flags)
-    else:
-        compiled = [kernel.warmup(*args, grid=grid, **flags, **fixed)]
-    for k in compiled:
-        init = getattr(k, "_init_handles", None)  # loads the binary and builds the launcher, as a launch would
-        if init is not None:
-            init()
-
-
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
-    config of the tuning list: the same every run. In a `compiling_only` thread: compile, do not launch."""
+    config of the tuning list: the same every run. In a `compiling_only` thread: compile and load, do not launch.
+    Every Triton kernel of fxopt is launched through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
-        if getattr(_compile_only, "on", False):
-            _warmup(kernel, tuned, grid, args, flags, fixed)
-        elif tuned is not None and DETERMINISTIC:
+        if tuned is not None and DETERMINISTIC:
             cfg = tuned.configs[0]
-            kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            fn, meta = kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         elif tuned is not None:
-            tuned[grid](*args, **flags)
+            fn, meta = tuned, {}  # the autotuner calls grid with the config it runs
         else:
-            kernel[grid(fixed)](*args, **flags, **fixed)
+            fn, meta = kernel, fixed
+        if getattr(_compile_only, "on", False):
+            compiled = fn.warmup(*args, grid=grid, **flags, **meta)  # an autotuner: one kernel per config
+            for k in compiled if isinstance(compiled, list) else [compiled]:
+                init = getattr(k, "_init_handles", None)  # loads the binary, builds the launcher (as a launch)
+                if init is not None:
+                    init()
+        else:
+            fn[grid if fn is tuned else grid(meta)](*args, **flags, **meta)
 
 
 if triton is not None:

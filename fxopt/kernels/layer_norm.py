@@ -32,7 +32,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, kernel_scope, new_output, use_triton, with_fallback
+from fxopt.kernels.common import interpreted, launch, new_output, use_triton, with_fallback
 from fxopt.kernels.rms_norm import _programs, _rows, block_shape
 
 _INTERPRETED = False
@@ -238,12 +238,12 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resi
         rstd = _new_output((m,), torch.float32, x.device)
         if m > 0 and n > 0:
             block_m, block_n, one_tile, warps = _blocks(n)
-            with kernel_scope(_layer_norm_fwd_kernel, x.device):
-                _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-                    x2, x2 if r2 is None else r2, x2 if weight is None else weight, x2 if bias is None else bias,
+            launch(_layer_norm_fwd_kernel, None, lambda meta: (triton.cdiv(m, block_m),),
+                   (x2, x2 if r2 is None else r2, x2 if weight is None else weight, x2 if bias is None else bias,
                     out, out if s is None else s, mean, rstd, m, n, x2.stride(0), 0 if r2 is None else r2.stride(0),
-                    float(eps), HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                    BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=warps)
+                    float(eps)),
+                   dict(HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile), dict(num_warps=warps), x.device)
     result = [out.view(*lead, n)]
     if s is not None:
         result.append(s.view(*lead, n))
@@ -302,13 +302,13 @@ def layer_norm_backward(grad_out: Tensor, grad_s: Optional[Tensor], xs: Tensor, 
 
         dw_part, db_part = partials(need_dw), partials(need_db)
         if programs > 0 and (need_dx or need_dw or need_db):
-            with kernel_scope(_layer_norm_bwd_kernel, xs.device):
-                _layer_norm_bwd_kernel[(programs,)](
-                    dy2, dy2 if ds2 is None else ds2, xs2, dy2 if weight is None else weight, mean1, rstd1,
+            launch(_layer_norm_bwd_kernel, None, lambda meta: (programs,),
+                   (dy2, dy2 if ds2 is None else ds2, xs2, dy2 if weight is None else weight, mean1, rstd1,
                     dx if need_dx else dy2, dw_part if need_dw else dy2, db_part if need_db else dy2, m, n,
-                    dy2.stride(0), 0 if ds2 is None else ds2.stride(0), xs2.stride(0), HAS_DS=ds2 is not None,
-                    HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-                    BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=warps)
+                    dy2.stride(0), 0 if ds2 is None else ds2.stride(0), xs2.stride(0)),
+                   dict(HAS_DS=ds2 is not None, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw,
+                        NEED_DB=need_db, BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile),
+                   dict(num_warps=warps), xs.device)
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         db = db_part.sum(0) if need_db else None
     result = [dx.view(xs.shape)] if need_dx else []

@@ -284,16 +284,15 @@ if triton is not None:
         stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on,
         scale, stride_os,
         BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-        USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SUB_K: tl.constexpr, MASK_K: tl.constexpr,
+        PRECISION: tl.constexpr, SUB_K: tl.constexpr, MASK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """OUT[M, N] = X[M, K] @ dequant(P)^T + scale * T @ L + BIAS for M <= BLOCK_M <= 16 and K % BS == 0.
         Each program owns BLOCK_N rows of the weight and reads their bytes once, SUB_K columns (inside one
         quantization block) at a time: the block's scale multiplies the [M, BLOCK_N] partial sum, not each
-        weight. BLOCK_K // SUB_K sub-steps are unrolled so that their loads are in flight together. USE_DOT:
-        tensor cores (M padded to 16; the table values are rounded to x's dtype and scaled in fp32 after the
-        dot, an error of the size of the GEMM path's rounding of the weights); else a broadcast multiply-sum
-        in fp32 on the CUDA cores (few rows).
+        weight. BLOCK_K // SUB_K sub-steps are unrolled so that their loads are in flight together. Tensor
+        cores (M padded to 16; the table values are rounded to x's dtype and scaled in fp32 after the dot, an
+        error of the size of the GEMM path's rounding of the weights). The word GEMV takes fewer rows.
         Split K: program (i, s) of the grid (cdiv(N, BLOCK_N), SPLIT) sums the s-th of SPLIT equal runs of
         K-steps into OUT + s * stride_os (an fp32 workspace the caller sums when SPLIT > 1; the LoRA term and
         the bias go into run 0): without it a weight of N rows gives only N / BLOCK_N programs, too few to keep
@@ -318,12 +317,8 @@ if triton is not None:
                 x_o = tl.load(x_ptrs + stride_xk, mask=k_e[None, :] < K, other=0.0)
                 # [SUB_K / 2, BLOCK_N]; past K only in a last, partial K-step
                 c_e, c_o, e = _codes(P, CODE, load_n[None, :], jj[:, None], ks, K, True, MASK_K)
-                if USE_DOT:
-                    part = tl.dot(x_e, c_e.to(x_e.dtype), input_precision=PRECISION)
-                    part = tl.dot(x_o, c_o.to(x_o.dtype), part, input_precision=PRECISION)
-                else:
-                    part = tl.sum(x_e.to(tl.float32)[:, :, None] * c_e[None, :, :], axis=1)
-                    part += tl.sum(x_o.to(tl.float32)[:, :, None] * c_o[None, :, :], axis=1)
+                part = tl.dot(x_e, c_e.to(x_e.dtype), input_precision=PRECISION)
+                part = tl.dot(x_o, c_o.to(x_o.dtype), part, input_precision=PRECISION)
                 s = _block_scale(ABSMAX, ABSMAX2, CODE2, OFFSET, load_n * (K // BS) + ks // BS,
                                  load_n * 0 + ks < K, DOUBLE_QUANT)
                 acc += part * s[None, :]
@@ -332,7 +327,7 @@ if triton is not None:
         if pid_k == 0:
             if HAS_LORA:
                 acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
-                                   USE_DOT, PRECISION, BLOCK_R)
+                                   True, PRECISION, BLOCK_R)
             if HAS_BIAS:
                 acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out_ptrs = OUT + pid_k * stride_os + rm[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -577,13 +572,10 @@ def _dequantized_gemm(m: int) -> bool:
 
 def _as_words(q: _Quant) -> Optional[Tensor]:
     """The packed weight as int32 words (8 codes each) for the word GEMV, or None where its bytes cannot be
-    viewed so (a storage offset that is not a multiple of 4). K % blocksize == 0 makes every row a whole number
-    of words."""
-    nbytes = q.n * q.k // 2
-    data = q.data[:nbytes]
-    if data.data_ptr() % 4 or nbytes % 4:
-        return None
-    return data.view(torch.int32)
+    viewed so (they do not start on a 4-byte boundary). K % blocksize == 0 (blocksize >= 32) makes every row a
+    whole number of words."""
+    data = q.data[: q.n * q.k // 2]
+    return None if data.data_ptr() % 4 else data.view(torch.int32)
 
 
 def _gemv_split(n: int, k: int, device: torch.device) -> int:
@@ -627,20 +619,15 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
     ptrs = _quant_ptrs(q)
     strides = (x.stride(0), x.stride(1), t.stride(0), t.stride(1), lo.stride(0), lo.stride(1),
                out.stride(0), out.stride(1), float(scale))
-    flags = dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias, PRECISION=precision,
-                 BLOCK_R=_block_r(R))
+    base = dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias, BLOCK_R=_block_r(R))
+    flags = dict(base, PRECISION=precision)
     words = _as_words(q) if M <= min(WORDS_MAX_M, GEMV_MAX_M) and K % q.blocksize == 0 else None
     if words is not None:
         args = (x, words, *ptrs[1:], t, lo, bias, out, M, N, K, K // 8, R, *strides)
         launch(_gemv_words, _words_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args,
-               dict(BS=q.blocksize, DOUBLE_QUANT=q.double, HAS_LORA=has_lora, HAS_BIAS=has_bias,
-                    BLOCK_M=triton.next_power_of_2(M), BLOCK_R=_block_r(R)),
-               dict(BLOCK_N=2, BLOCK_W=8), x.device)
+               dict(base, BLOCK_M=triton.next_power_of_2(M)), dict(BLOCK_N=2, BLOCK_W=8), x.device)
         return out
-    if M <= GEMV_MAX_M and K % q.blocksize == 0:
-        bm = triton.next_power_of_2(M)
-        use_dot = M > 4  # more rows than that: the CUDA cores' multiply-sum would be compute-bound
-        bm = 16 if use_dot else bm
+    if M <= GEMV_MAX_M and K % q.blocksize == 0:  # tensor-core dots, M padded to 16
         sub_k = min(q.blocksize, 64)
         split = _gemv_split(N, K, x.device)
         # split: per-run partial sums in an fp32 workspace (every element written), summed below
@@ -648,7 +635,7 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
         args = (x, *ptrs, t, lo, bias, dest, M, N, K, R, split, *strides[:6], dest.stride(-2), dest.stride(-1),
                 float(scale), dest.stride(0) if split > 1 else 0)
         launch(_gemv, _gemv_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split), args,
-               dict(flags, USE_DOT=use_dot, SUB_K=sub_k, BLOCK_M=bm), dict(BLOCK_N=16, BLOCK_K=2 * sub_k),
+               dict(flags, SUB_K=sub_k, BLOCK_M=16), dict(BLOCK_N=16, BLOCK_K=2 * sub_k),
                x.device)
         return out if split == 1 else out.copy_(dest.sum(0))
 

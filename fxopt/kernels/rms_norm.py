@@ -35,7 +35,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): every call runs the torch math
     triton = None
 
-from fxopt.kernels.common import interpreted, kernel_scope, new_output, sm_count, use_triton, with_fallback
+from fxopt.kernels.common import interpreted, launch, new_output, sm_count, use_triton, with_fallback
 
 _INTERPRETED = False
 # Longest row kept in registers; longer rows are processed in chunks of this size (tests lower it to
@@ -255,12 +255,11 @@ def rms_norm(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, 
         rstd = _new_output((m,), torch.float32, x.device)
         if m > 0 and n > 0:
             block_m, block_n, one_tile, warps = _blocks(n)
-            with kernel_scope(_rms_norm_fwd_kernel, x.device):
-                _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-                    x2, x2 if r2 is None else r2, weight, out, out if s is None else s, rstd, m, n,
-                    x2.stride(0), 0 if r2 is None else r2.stride(0), float(eps), float(offset),
-                    HAS_RES=r2 is not None, CAST_THEN_SCALE=cast_then_scale, BLOCK_M=block_m, BLOCK_N=block_n,
-                    ONE_TILE=one_tile, num_warps=warps)
+            launch(_rms_norm_fwd_kernel, None, lambda meta: (triton.cdiv(m, block_m),),
+                   (x2, x2 if r2 is None else r2, weight, out, out if s is None else s, rstd, m, n,
+                    x2.stride(0), 0 if r2 is None else r2.stride(0), float(eps), float(offset)),
+                   dict(HAS_RES=r2 is not None, CAST_THEN_SCALE=cast_then_scale, BLOCK_M=block_m, BLOCK_N=block_n,
+                        ONE_TILE=one_tile), dict(num_warps=warps), x.device)
     result = [out.view(*lead, n)]
     if s is not None:
         result.append(s.view(*lead, n))
@@ -327,13 +326,12 @@ def rms_norm_backward(grad_out: Tensor, grad_s: Optional[Tensor], xs: Tensor, we
             part = (_new_output(shape, torch.float32, xs.device) if one_tile
                     else torch.zeros(shape, dtype=torch.float32, device=xs.device))
         if programs > 0 and (need_dx or need_dw):
-            with kernel_scope(_rms_norm_bwd_kernel, xs.device):
-                _rms_norm_bwd_kernel[(programs,)](
-                    dy2, dy2 if ds2 is None else ds2, xs2, weight, rstd1, dx if need_dx else dy2,
+            launch(_rms_norm_bwd_kernel, None, lambda meta: (programs,),
+                   (dy2, dy2 if ds2 is None else ds2, xs2, weight, rstd1, dx if need_dx else dy2,
                     part if need_dw else dy2, m, n, dy2.stride(0), 0 if ds2 is None else ds2.stride(0),
-                    xs2.stride(0), float(offset), HAS_DS=ds2 is not None, NEED_DX=need_dx, NEED_DW=need_dw,
-                    CAST_THEN_SCALE=cast_then_scale, BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
-                    num_warps=warps)
+                    xs2.stride(0), float(offset)),
+                   dict(HAS_DS=ds2 is not None, NEED_DX=need_dx, NEED_DW=need_dw, CAST_THEN_SCALE=cast_then_scale,
+                        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile), dict(num_warps=warps), xs.device)
         if need_dw:
             dw = part.sum(0).to(weight.dtype)
     result = [dx.view(xs.shape)] if need_dx else []

@@ -21,7 +21,7 @@ try:
 except ImportError:  # no Triton: callers take their torch math
     triton = None
 
-from fxopt.kernels.common import FAILED, interpreted, kernel_scope, sm_count
+from fxopt.kernels.common import FAILED, interpreted, launch, sm_count
 
 MAX_R = 256  # widest S the kernel takes (its fp32 accumulator is BLOCK_M x BLOCK_R)
 # The GPU launch configuration by S's padded width (BLOCK_R), the fastest of benchmarks/bench_skinny_mm.py's
@@ -129,10 +129,9 @@ def skinny_mm(x: Tensor, s: Tensor, scale: float = 1.0, out: Tensor | None = Non
     meta = dict(SPLIT_S=x.dtype != torch.float32, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     if not _INTERPRETED:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    with kernel_scope(_skinny_mm_kernel, x.device):
-        _skinny_mm_kernel[(m_blocks, splits)](
-            x, s, dest, M, K, R, k_per_split, x.stride(0), x.stride(1), s.stride(0), s.stride(1),
-            stride_p, stride_m, stride_r, float(scale), **meta)
+    launch(_skinny_mm_kernel, None, lambda _: (m_blocks, splits),
+           (x, s, dest, M, K, R, k_per_split, x.stride(0), x.stride(1), s.stride(0), s.stride(1),
+            stride_p, stride_m, stride_r, float(scale)), {}, meta, x.device)
     if splits > 1:
         torch.sum(dest, 0, out=out)
     return out

@@ -32,7 +32,7 @@ except ImportError:  # no Triton: the torch math
 from fxopt.kernels import lora as _lora
 from fxopt.kernels import nf4 as _nf4
 from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, act_reference, interpreted,
-                                  kernel_scope, new_output, use_triton, with_fallback)
+                                  launch, new_output, use_triton, with_fallback)
 
 _INTERPRETED = False
 BLOCK = 1024
@@ -89,8 +89,8 @@ def swiglu(g: Tensor, u: Tensor, activation: str = "silu") -> Tensor:
         h.copy_(act_and_grad_torch(g.float(), activation)[0] * u.float())
         return h
     g, u = g.contiguous(), u.contiguous()
-    with kernel_scope(_swiglu_kernel, g.device):
-        _swiglu_kernel[_grid(g.numel())](g, u, h, g.numel(), ACT=ACTIVATIONS.index(activation), BLOCK=BLOCK)
+    launch(_swiglu_kernel, None, lambda _: _grid(g.numel()), (g, u, h, g.numel()),
+           dict(ACT=ACTIVATIONS.index(activation), BLOCK=BLOCK), {}, g.device)
     return h
 
 
@@ -112,9 +112,8 @@ def swiglu_grads(dh: Tensor, g: Tensor, u: Tensor, dg: Tensor, du: Tensor,
         dg.copy_(dhf * uf * da)
         return dg, du
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    with kernel_scope(_swiglu_backward_kernel, g.device):
-        _swiglu_backward_kernel[_grid(g.numel())](dh, g, u, dg, du, g.numel(), ACT=ACTIVATIONS.index(activation),
-                                                  BLOCK=BLOCK)
+    launch(_swiglu_backward_kernel, None, lambda _: _grid(g.numel()), (dh, g, u, dg, du, g.numel()),
+           dict(ACT=ACTIVATIONS.index(activation), BLOCK=BLOCK), {}, g.device)
     return dg, du
 
 
