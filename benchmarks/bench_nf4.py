@@ -153,9 +153,8 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
                  "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
         if m <= nf4.WORDS_MAX_M:  # the tile GEMV (tensor cores, split K) where the word GEMV runs
             impls["fxopt_tile"] = functools.partial(_with, "WORDS_MAX_M", 0, x, args)
-        else:  # the word GEMV, and dequantize + cuBLAS, where the tile GEMV (tensor cores) runs: which is fastest
-            impls["fxopt_words"] = functools.partial(_with, "WORDS_MAX_M", nf4.GEMV_MAX_M, x, args)
-            impls["fxopt_dequant"] = functools.partial(_with, "GEMV_MAX_M", nf4.WORDS_MAX_M, x, args)
+        else:  # where dequantize + cuBLAS runs, the tile GEMV (tensor cores; M <= 16): which is fastest
+            impls["fxopt_tile"] = functools.partial(_with, "GEMV_MAX_M", 16, x, args)
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6)
             try:
@@ -223,9 +222,8 @@ def tables(rows, gpu) -> str:
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
         lines += [f"Decode-sized forward (no_grad): GB/s of packed weight read (% of {CEILING_GBS:.0f} GB/s). bnb = "
-                  "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, the tile GEMV above); fxopt_tile = the "
-                  "tile GEMV (tensor cores) at M <= 4; fxopt_words = the word GEMV at M > 4; "
-                  "fxopt_dequant = dequantize + cuBLAS at M > 4. 'graph': replayed in a CUDA graph (no launch "
+                  "bnb.matmul_4bit; fxopt = the op (the word GEMV for M <= 4, dequantize + cuBLAS above); fxopt_tile = "
+                  "the tile GEMV (tensor cores, split K) at the same M. 'graph': replayed in a CUDA graph (no launch "
                   "overhead).", "",
                   "| shape (N x K) | M | impl | us | GB/s | graph us | graph GB/s | rel err |",
                   "|---|---|---|---|---|---|---|---|"]

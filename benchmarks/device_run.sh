@@ -5,8 +5,7 @@
 #   dense   train_step.py on the dense workload for every setup, profile of one step each
 #   train   train_step.py on $WORKLOADS (comma-separated, default qlora,moe,moe-big) for $SETUPS
 #   compile the cold first step of fxopt on $WORKLOADS (default dense,qlora): each run with empty Inductor and
-#           Triton caches, with FXOPT_PRECOMPILE off and on ($PRECOMPILE, default "0 1"); PROFILE_COMPILE=1: the
-#           first step under cProfile (train_step.py --profile-compile: where the time goes; slower)
+#           Triton caches; PROFILE_COMPILE=1: the first step under cProfile (train_step.py --profile-compile: where the time goes; slower)
 # Everything is written under $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -27,13 +26,11 @@ for stage in "$@"; do
              --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -40 > "$OUT/train-${TAG:-train}.txt" ;;
     compile) for wl in $(echo "${WORKLOADS:-dense,qlora}" | tr , ' '); do
                setup=fxopt; [ "$wl" = qlora ] && setup=fxopt_compute_dtype
-               for pre in ${PRECOMPILE:-0 1}; do  # FXOPT_PRECOMPILE: fxopt's kernels compiled beside Inductor
-                 d=/tmp/cold-$wl-$pre
-                 FXOPT_PRECOMPILE=$pre TRITON_CACHE_DIR=$d/triton TORCHINDUCTOR_CACHE_DIR=$d/inductor \
-                   python3 benchmarks/train_step.py --workloads "$wl" --setups "$setup" --out "$OUT" \
-                   --tag "cold-$wl-precompile$pre" ${PROFILE_COMPILE:+--profile-compile "$OUT"} \
-                   --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -20 > "$OUT/compile-$wl-precompile$pre.txt"
-               done
+               d=/tmp/cold-$wl
+               rm -rf "$d"; TRITON_CACHE_DIR=$d/triton TORCHINDUCTOR_CACHE_DIR=$d/inductor \
+                 python3 benchmarks/train_step.py --workloads "$wl" --setups "$setup" --out "$OUT" \
+                 --tag "cold-$wl" ${PROFILE_COMPILE:+--profile-compile "$OUT"} \
+                 --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -20 > "$OUT/compile-$wl.txt"
              done ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac

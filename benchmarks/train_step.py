@@ -8,7 +8,8 @@
     fxopt_no_cudagraphs   fxopt.optimize(model, cudagraphs=False)
     fxopt_no_attention    fxopt.optimize(model, disable=["attention"]) (what the attention pass adds)
     fxopt_no_swiglu       fxopt.optimize(model, disable=["swiglu"]) (what the SwiGLU pass adds)
-    fxopt_norms / fxopt_recompute / fxopt_offload   fxopt.optimize(model, memory=...)
+    fxopt_none / fxopt_norms / fxopt_recompute / fxopt_offload   fxopt.optimize(model, memory=...) ("norms" is the
+                                                                 default, what setup fxopt runs)
     eager_compute_dtype   HF eager, with what frozen_fp32="compute_dtype" does done by hand (no fxopt)
     fxopt_compute_dtype   fxopt.optimize(model, frozen_fp32="compute_dtype") (qlora: the recipe's fp32 upcast undone)
 
@@ -77,7 +78,7 @@ TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_t
 TINY_BATCH, TINY_SEQ = 2, 32
 
 NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pass disabled
-MEMORY_SETUPS = ["fxopt_norms", "fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
+MEMORY_SETUPS = ["fxopt_none", "fxopt_norms", "fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
 # fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
 PRECISION_SETUPS = ["fxopt_compute_dtype"]
 SETUPS = (["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"]
@@ -272,6 +273,7 @@ def worker(args, res: dict) -> None:
             import fxopt
 
             res["fxopt_report"] = fxopt.report(model).summary()
+            res["fxopt_notes"] = fxopt.report(model).notes
         except Exception as e:
             res["fxopt_report"] = f"unavailable: {type(e).__name__}: {e}"
 

@@ -47,7 +47,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
         compile_blocks(found[1], backend, config.dynamic, config.memory, in_graph(config))
-    elif config.memory != "none":
+    elif config.memory in ("recompute", "offload"):
         import warnings
 
         warnings.warn(f"fxopt: memory={config.memory!r} was asked for, but no repeated block (a ModuleList of "

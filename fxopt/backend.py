@@ -19,13 +19,11 @@ import torch
 from fxopt.cache_key import FxoptVersion
 from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
-from fxopt.precompile import Precompile, fused_calls, joined_before_first_call
 from fxopt.passes.canonicalize import canonicalize
 from fxopt.recompute import joint_pass
 from fxopt.report import MatchRecord, Report
 
 _graph_ids = itertools.count()
-_PRECOMPILE_ON_CPU = False  # tests: run the precompile thread on CPU graphs too (kernels interpreted)
 
 
 @dataclass
@@ -145,19 +143,8 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
-        calls = fused_calls(gm) if config.precompile and (cuda or _PRECOMPILE_ON_CPU) and supported else []
-        # fxopt's kernels compile in a thread while the inner backend compiles
-        pre = Precompile(gm, example_inputs, calls) if calls else None
         joint = joint_pass(config) if block_graph else None
-        compiled = _inner(config.inner_backend, cudagraphs, joint)(gm, example_inputs)
-        if pre is None:
-            return compiled
-
-        def noted(p):
-            if p.errors:
-                report.note(f"precompile of {graph_name} stopped early (the first call compiles the rest): "
-                            f"{p.errors[0]}")
-        return joined_before_first_call(compiled, pre, noted)
+        return _inner(config.inner_backend, cudagraphs, joint)(gm, example_inputs)
 
     fxopt_compile.report = report
     return fxopt_compile

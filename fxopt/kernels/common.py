@@ -6,7 +6,6 @@ import contextlib
 import functools
 import inspect
 import os
-import threading
 import warnings
 
 import torch
@@ -134,26 +133,11 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-_compile_only = threading.local()  # set in fxopt.precompile's thread: launches become compile-only warmups
-
-
-@contextlib.contextmanager
-def compiling_only():
-    """In this thread, `launch` compiles (and loads) the kernels it would launch, every config of a tuned one, and
-    launches nothing (fxopt.precompile). The outputs the kernels would write stay as allocated."""
-    _compile_only.on = True
-    try:
-        yield
-    finally:
-        _compile_only.on = False
-
-
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
-    config of the tuning list: the same every run. In a `compiling_only` thread: compile and load, do not launch.
-    Every Triton kernel of fxopt is launched through here."""
+    config of the tuning list: the same every run. Every Triton kernel of fxopt is launched through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
         if tuned is not None and DETERMINISTIC:
             cfg = tuned.configs[0]
@@ -162,14 +146,7 @@ def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.de
             fn, meta = tuned, {}  # the autotuner calls grid with the config it runs
         else:
             fn, meta = kernel, fixed
-        if getattr(_compile_only, "on", False):
-            compiled = fn.warmup(*args, grid=grid, **flags, **meta)  # an autotuner: one kernel per config
-            for k in compiled if isinstance(compiled, list) else [compiled]:
-                init = getattr(k, "_init_handles", None)  # loads the binary, builds the launcher (as a launch)
-                if init is not None:
-                    init()
-        else:
-            fn[grid if fn is tuned else grid(meta)](*args, **flags, **meta)
+        fn[grid if fn is tuned else grid(meta)](*args, **flags, **meta)
 
 
 if triton is not None:

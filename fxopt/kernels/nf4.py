@@ -24,7 +24,8 @@ output columns, interleaved at the store), plus s * (dY @ B) @ A in the same acc
 dA = s (dY B)^T x_l, dB = s dY^T t by torch. Saved for backward: x_l (x without dropout) and t = x_l A^T.
 For M <= GEMV_MAX_M rows (decoding) a GEMV-style kernel reads each packed byte once and applies each block's
 scale to the partial sums instead of to every weight: for M <= WORDS_MAX_M the word GEMV (the weight as int32
-words, CUDA-core products), above it the tile GEMV (tensor-core dots, K split over programs).
+words, CUDA-core products), else (more rows when GEMV_MAX_M is raised, or packed bytes not on a 4-byte boundary)
+the tile GEMV (tensor-core dots, K split over programs).
 
 CPU without the interpreter: `dequantize` (a per-call transient copy) and torch matmuls, the same math as
 `reference`.
@@ -58,10 +59,12 @@ _FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 ABSMAX2_BLOCK = 256  # bnb quantizes the absmax blockwise in blocks of 256 under double quantization
 
-# Inputs of at most this many rows take the GEMV-style kernel (tests lower it to reach the GEMM with small M).
-GEMV_MAX_M = 16
+# Inputs of at most this many rows take a GEMV-style kernel. 4: at M = 8 and 16 dequantize + cuBLAS measured
+# faster than the tile GEMV on every decoder shape (H100, CUDA graphs, benchmarks/results/*-s12-decode: 13.9 vs
+# 21.3 us at 2048 x 2048, 36.3 vs 55.3 at 8192 x 2048, M = 16). Tests raise it to 16 to reach the tile GEMV.
+GEMV_MAX_M = 4
 # Of those, inputs of at most this many rows take the word GEMV (CUDA-core products, weight read as int32 words);
-# more rows take the tile GEMV with tensor-core dots.
+# more rows, and packed bytes off a 4-byte boundary, take the tile GEMV with tensor-core dots.
 WORDS_MAX_M = 4
 # Inputs of at least this many rows (and more than GEMV_MAX_M) take dequantize-then-GEMM (see _dequantized_gemm).
 DEQUANT_MIN_M = 1 << 62 if os.environ.get("FXOPT_NF4_GEMM", "dequant") == "fused" else 0
