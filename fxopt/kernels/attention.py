@@ -703,14 +703,17 @@ def _mask_summary(mask: Tensor) -> Tensor:
     return torch.stack(fields).to(torch.int32).contiguous()
 
 
-def _mask_args(mask: Optional[Tensor], fallback: Tensor):
+def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tensor] = None):
     """(mask as uint8, summary, (the mask's batch / query / key strides, the summary's batch stride, field
-    stride, strips)): the kernels' MASK, SUMMARY and stride arguments."""
+    stride, strips)): the kernels' MASK, SUMMARY and stride arguments. `summary`: the forward's (the backward
+    reuses it instead of reading the mask twice more)."""
     if mask is None:
         return fallback, fallback, (0,) * 6
     if mask.shape[0] > 1 and mask.stride(0) == 0:  # one mask expanded over the batch: summarise it once
         mask = mask[:1]
-    if mask.is_floating_point():
+    if summary is not None and summary.numel():
+        m = mask if mask.is_floating_point() else mask.view(torch.uint8)
+    elif mask.is_floating_point():
         # an additive mask: a tile is visited where any value is above the dtype's minimum (HF's masked value)
         # and needs no mask read where every value is 0 (fields 2, 3, 6, 7 of that summary)
         seen, zero = _summarise(_additive_visible(mask)), _summarise(mask == 0)
@@ -721,6 +724,15 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor):
         m = mask.view(torch.uint8)
     Bm, T = summary.shape[1], summary.shape[2]
     return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), T if Bm > 1 else 0, Bm * T, T)
+
+
+def _summary_shape(mask: Optional[Tensor], S) -> tuple:
+    """The shape of the forward's mask summary output: [8, Bm, ceil(S / 16)] (Bm = 1 for a mask expanded over the
+    batch), or [0] without a mask."""
+    if mask is None:
+        return (0,)
+    bm = 1 if mask.shape[0] > 1 and mask.stride(0) == 0 else mask.shape[0]
+    return (8, bm, (S + 15) // 16)
 
 
 def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
@@ -850,21 +862,24 @@ def _torch_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, key
 @torch.library.custom_op("fxopt::flash_attention", mutates_args=())
 @with_fallback
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window: int, softcap: float,
-                    key_padding: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs)); lse is returned
-    only to be saved for backward (+inf for a row that sees no key)."""
+                    key_padding: Optional[Tensor] = None,
+                    mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs), the mask's summary
+    (int32 [8, Bm, ceil(S / 16)], see _mask_summary; [0] without a mask)); lse and the summary are returned only
+    to be saved for backward (lse +inf for a row that sees no key): the backward's two kernels then need no
+    summary of their own (at S = 2048 each summary read the mask twice, ~19 us a launch on the H100)."""
     _check(q, k, v, scale, causal, window, softcap, key_padding, mask)
     B, Hq, S, D = q.shape
     window = _window(window, S)
     out = _empty_bshd(q, Hq)
     lse = _new_output((B, Hq, S), _lse_dtype(q), q.device)
-    if not _use_triton(q, k, v):
-        o, lse_t = _torch_forward(q, k, v, scale, causal, window, softcap, key_padding, mask)
-        out.copy_(o)
-        lse.copy_(lse_t)
-        return out, lse
-    if B * Hq * S * D == 0:
-        return out, lse
+    if not _use_triton(q, k, v) or B * Hq * S * D == 0:
+        if B * Hq * S * D:
+            o, lse_t = _torch_forward(q, k, v, scale, causal, window, softcap, key_padding, mask)
+            out.copy_(o)
+            lse.copy_(lse_t)
+        # the torch math needs no summary: zeros of its shape (the backward takes the same path and ignores it)
+        return out, lse, q.new_zeros(_summary_shape(mask, S), dtype=torch.int32)
     pad, spb, sps = _pad_args(key_padding, lse)
     m, summary, mask_strides = _mask_args(mask, lse)
     qk_scale, sc = _score_scales(scale, softcap)
@@ -876,23 +891,25 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
 
     _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding, mask), q.device)
-    return out, lse
+    return out, lse, summary if mask is not None else q.new_zeros((0,), dtype=torch.int32)
 
 
 @flash_attention.register_fake
 def _(q, k, v, scale, causal, window, softcap, key_padding=None, mask=None):
     _check(q, k, v, scale, causal, window, softcap, key_padding, mask)
     B, Hq, S, D = q.shape
-    return _fake_bshd(q, Hq), q.new_empty((B, Hq, S), dtype=_lse_dtype(q))
+    return _fake_bshd(q, Hq), q.new_empty((B, Hq, S), dtype=_lse_dtype(q)), q.new_empty(
+        _summary_shape(mask, S), dtype=torch.int32)
 
 
 @torch.library.custom_op("fxopt::flash_attention_backward", mutates_args=())
 @with_fallback
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float, causal: bool, window: int, softcap: float,
-                             key_padding: Optional[Tensor] = None,
-                             mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the forward's out and lse; dk and dv summed over each kv head's query heads."""
+                             key_padding: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                             summary: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the forward's out, lse and mask summary (None: summarised here); dk and dv summed over
+    each kv head's query heads."""
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
     window = _window(window, S)
@@ -913,7 +930,7 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
            (out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out)),
            dict(HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block), {}, q.device)
     pad, spb, sps = _pad_args(key_padding, lse)
-    m, summary, mask_strides = _mask_args(mask, lse)
+    m, summary, mask_strides = _mask_args(mask, lse, summary)
     qk_scale, sc = _score_scales(scale, softcap)
     common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window),
               _mask_min(mask), float(scale))
@@ -934,26 +951,27 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale, causal, window, softcap, key_padding=None, mask=None):
+def _(grad_out, q, k, v, out, lse, scale, causal, window, softcap, key_padding=None, mask=None, summary=None):
     return _fake_bshd(q, q.shape[1]), _fake_bshd(k, k.shape[1]), _fake_bshd(v, v.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, causal, window, softcap, key_padding, mask = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding, mask)
+    out, lse, summary = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding, mask, summary)
     ctx.args = (scale, causal, window, softcap)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, summary)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding, mask = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_summary):
+    q, k, v, out, lse, key_padding, mask, summary = ctx.saved_tensors
     need = ctx.needs_input_grad  # (q, k, v, scale, causal, window, softcap, key_padding, mask)
     if not any(need[:3]):
         return (None,) * 9
     if grad_out is None:  # out unused downstream
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding, mask)
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding, mask,
+                                          summary if mask is not None else None)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None) + (None,) * 6
 
 

@@ -425,8 +425,8 @@ def test_wrong_backward_is_caught(monkeypatch):
     """The gradient comparison can fail: a backward that forgets the softcap's derivative is caught."""
     real = ak.flash_attention_backward
     monkeypatch.setattr(ak, "flash_attention_backward",
-                        lambda do, q, k, v, o, lse, scale, causal, window, softcap, pad, mask:
-                        real(do, q, k, v, o, lse, scale, causal, window, 0.0, pad, mask))
+                        lambda do, q, k, v, o, lse, scale, causal, window, softcap, pad, mask, summary:
+                        real(do, q, k, v, o, lse, scale, causal, window, 0.0, pad, mask, summary))
     with pytest.raises(AssertionError, match="gradient"):
         run_case(1, 2, 1, 20, 16, torch.float32, True, softcap=1.5)
 
@@ -496,13 +496,17 @@ def test_opcheck():
     pad = make_padding("empty_row", 2, 6, g).to(DEVICE)
     torch.library.opcheck(torch.ops.fxopt.flash_attention.default,
                           (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), 0.5, True, 2, 3.0, pad))
-    out, lse = torch.ops.fxopt.flash_attention(q, k, v, 0.5, True, 2, 3.0, pad)
+    out, lse, _ = torch.ops.fxopt.flash_attention(q, k, v, 0.5, True, 2, 3.0, pad)
     do = torch.randn(2, 4, 6, 16, generator=g).to(DEVICE)
     torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, True, 2, 3.0, pad))
     mask = make_mask("packed", 2, 6, g).to(DEVICE)
     torch.library.opcheck(torch.ops.fxopt.flash_attention.default,
                           (q, k, v, 0.5, False, 0, 0.0, None, mask))
+    out, lse, summary = torch.ops.fxopt.flash_attention(q, k, v, 0.5, False, 0, 0.0, None, mask)
+    assert summary.shape == (8, 2, 1) and summary.dtype == torch.int32
+    torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
+                          (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, False, 0, 0.0, None, mask, summary))
 
 
 def test_fake_shapes_and_strides():
@@ -517,7 +521,8 @@ def test_fake_shapes_and_strides():
     with FakeTensorMode() as mode:
         fq, fk = mode.from_tensor(q), mode.from_tensor(k)
         fake = [layout(t) for t in torch.ops.fxopt.flash_attention(fq, fk, fk, 0.5, True, 0, 0.0, None)]
-    assert real == fake == [((2, 4, 5, 24), (480, 24, 96, 1), torch.float16), ((2, 4, 5), (20, 5, 1), torch.float32)]
+    assert real == fake == [((2, 4, 5, 24), (480, 24, 96, 1), torch.float16), ((2, 4, 5), (20, 5, 1), torch.float32),
+                            ((0,), (1,), torch.int32)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -600,3 +605,21 @@ def test_fp32_realistic_gpu():
     tf32x3 products on CUDA (see attention._fp32_precision) must stay within fp32's tolerance, output and
     every gradient."""
     run_case(1, 32, 8, 2048, 64, torch.float32, True, device="cuda")
+
+
+def test_backward_reuses_the_forward_mask_summary(monkeypatch):
+    """The forward returns its mask summary and the backward's kernels use it: the mask is summarised once per
+    forward + backward, not again in the backward (the gradients stay right: run_case's comparison)."""
+    calls = []
+    real = ak._summarise
+    monkeypatch.setattr(ak, "_summarise", lambda mask: calls.append(1) or real(mask))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(1, 2, 1, 20, 16, torch.float32, "bshd", g, DEVICE)
+    mask = make_mask("packed", 1, 20, g).to(DEVICE)
+    if not ak._use_triton(q, k, v):
+        pytest.skip("the torch math needs no summary")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention_fn(q, k, v, mask=mask)
+    assert len(calls) == 1
+    out.backward(torch.randn_like(out))
+    assert len(calls) == 1 and q.grad is not None and torch.isfinite(q.grad).all()
