@@ -308,27 +308,49 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     adt = lora_as[0].dtype
     xl = _adapter_input(x2, x_lora)
     dys = [g.reshape(-1, g.shape[-1]) for g in grads]
-    # the adapter's gradients are computed in its dtype, as PEFT does (see _adapter_mm)
-    us = [_adapter_mm(dy, bm, adt) for dy, bm in zip(dys, lora_bs)]
+    # the adapter's gradients are computed in its dtype, as PEFT does (see _adapter_mm); u_i = s_i dY_i B_i, as
+    # column blocks of one [M, sum r] tensor: dA of all the adapters (they share x) is then one product reading x
+    # once, instead of once per adapter
+    u_all = _scaled_us(dys, lora_bs, scalings, adt)
+    ranks = [a.shape[0] for a in lora_as]
+    us = list(u_all.split(ranks, 1))
     result = []
     if need_dx:
         dx = _new_output(x2.shape, x.dtype, x.device)
-        lows = [(u, a.to(adt), s) for u, a, s in zip(us, lora_as, scalings)] if x_lora is None else []
+        lows = [(u, a.to(adt), 1.0) for u, a in zip(us, lora_as)] if x_lora is None else []
         _linear_sum(dx, list(zip(dys, weights)), lows)
         result.append(dx.view(x.shape))
     if x_lora is not None:
-        dxl = sum(s * _adapter_mm(u, a, adt) for u, a, s in zip(us, lora_as, scalings))
+        dxl = sum(_adapter_mm(u, a, adt) for u, a in zip(us, lora_as))
         result.append(dxl.to(x_lora.dtype).view(x_lora.shape))
     result += [dy.t() @ x2 for dy, nw in zip(dys, need_dw) if nw]
     result += [dy.sum(0) for dy, nb in zip(dys, need_db) if nb]
-    r0 = 0
-    d_as, d_bs = [], []
-    for dy, u, a, s in zip(dys, us, lora_as, scalings):
+    # copies: the op's outputs may not alias each other (the rows are [r, K], small next to the product)
+    d_as = [d.to(a.dtype, copy=True) for d, a in zip(_adapter_mm(u_all.t(), xl, adt).split(ranks, 0), lora_as)]
+    d_bs, r0 = [], 0
+    for dy, a, s in zip(dys, lora_as, scalings):
         r = a.shape[0]
-        d_as.append(_adapter_mm(u.t(), xl, adt, s).to(a.dtype))
         d_bs.append(_adapter_mm(dy.t(), t[:, r0:r0 + r], adt, s).to(a.dtype))
         r0 += r
     return result + d_as + d_bs
+
+
+def _scaled_us(dys: list[Tensor], lora_bs: list[Tensor], scalings: list[float], adt: torch.dtype) -> Tensor:
+    """[s_1 dY_1 B_1 | s_2 dY_2 B_2 | ...] in the adapter dtype, [M, sum of ranks]: each product written straight
+    into its columns where skinny_mm takes it (no concatenation)."""
+    m = dys[0].shape[0]
+    out = torch.empty(m, sum(b.shape[1] for b in lora_bs), dtype=adt, device=dys[0].device)
+    r0 = 0
+    for dy, bm, s in zip(dys, lora_bs, scalings):
+        r = bm.shape[1]
+        cols = out[:, r0:r0 + r]
+        if (adt == bm.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16)
+                and skinny_mm.supported(dy, bm)):
+            skinny_mm.skinny_mm(dy, bm, s, out=cols)
+        else:
+            cols.copy_(_adapter_mm(dy, bm, adt, s))
+        r0 += r
+    return out
 
 
 @lora_linear_backward.register_fake
