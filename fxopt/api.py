@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from fxopt.backend import make_backend
-from fxopt.config import OptimizeConfig
+from fxopt.config import CHECKPOINTING_POLICIES, OptimizeConfig
 from fxopt.precision import apply_frozen_fp32
 from fxopt.recompute import in_graph
 from fxopt.regions import compile_blocks, find_blocks
@@ -47,7 +47,7 @@ def optimize(model: nn.Module, config: OptimizeConfig | None = None, **options) 
     if found is not None:
         report.set_blocks(found[0], len(found[1]), type(found[1][0]).__name__)
         compile_blocks(found[1], backend, config.dynamic, config.memory, in_graph(config))
-    elif config.memory in ("recompute", "offload"):
+    elif config.memory in CHECKPOINTING_POLICIES:
         import warnings
 
         warnings.warn(f"fxopt: memory={config.memory!r} was asked for, but no repeated block (a ModuleList of "

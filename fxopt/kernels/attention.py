@@ -709,9 +709,8 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tenso
     reuses it instead of reading the mask twice more)."""
     if mask is None:
         return fallback, fallback, (0,) * 6
-    if mask.shape[0] > 1 and mask.stride(0) == 0:  # one mask expanded over the batch: summarise it once
-        mask = mask[:1]
-    if summary is not None and summary.numel():
+    mask = _one_mask(mask)
+    if summary is not None:
         m = mask if mask.is_floating_point() else mask.view(torch.uint8)
     elif mask.is_floating_point():
         # an additive mask: a tile is visited where any value is above the dtype's minimum (HF's masked value)
@@ -726,13 +725,14 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tenso
     return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), T if Bm > 1 else 0, Bm * T, T)
 
 
+def _one_mask(mask: Tensor) -> Tensor:
+    """One mask expanded over the batch (stride 0) as its single entry: summarised and read once."""
+    return mask[:1] if mask.shape[0] > 1 and mask.stride(0) == 0 else mask
+
+
 def _summary_shape(mask: Optional[Tensor], S) -> tuple:
-    """The shape of the forward's mask summary output: [8, Bm, ceil(S / 16)] (Bm = 1 for a mask expanded over the
-    batch), or [0] without a mask."""
-    if mask is None:
-        return (0,)
-    bm = 1 if mask.shape[0] > 1 and mask.stride(0) == 0 else mask.shape[0]
-    return (8, bm, (S + 15) // 16)
+    """The shape of the forward's mask summary output: [8, Bm, ceil(S / 16)], or [0] without a mask."""
+    return (0,) if mask is None else (8, _one_mask(mask).shape[0], (S + 15) // 16)
 
 
 def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
@@ -891,7 +891,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
 
     _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding, mask), q.device)
-    return out, lse, summary if mask is not None else q.new_zeros((0,), dtype=torch.int32)
+    return out, lse, summary if mask is not None else q.new_zeros(_summary_shape(None, S), dtype=torch.int32)
 
 
 @flash_attention.register_fake
@@ -970,8 +970,7 @@ def _backward(ctx, grad_out, grad_lse, grad_summary):
         return (None,) * 9
     if grad_out is None:  # out unused downstream
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding, mask,
-                                          summary if mask is not None else None)
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.args, key_padding, mask, summary)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None) + (None,) * 6
 
 

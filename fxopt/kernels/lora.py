@@ -178,19 +178,21 @@ def _linear_sum(out: Tensor, products, lows, bias: Optional[Tensor] = None) -> T
     return out
 
 
-def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
     """scale * a @ b in the adapter's dtype, where one operand is an activation (bf16 base model) and the other
     an adapter-sized fp32 tensor (A, B, t = x A^T, u = dY B). PEFT computes this in fp32 after casting the
     activation to fp32, i.e. an fp32 (FFMA, no tensor core) GEMM plus a full fp32 copy of the activation.
     On CUDA the small fp32 operand is split into bf16 hi + lo and multiplied on tensor cores with an fp32
     result (the activation is exact in bf16): same values to ~2^-17 relative, no copy of the activation. The
-    skinny_mm kernel does that in one launch (the split on the tile); torch ops, where it does not apply."""
+    skinny_mm kernel does that in one launch (the split on the tile); torch ops, where it does not apply.
+    `out`: the result is written into it (any strides, e.g. columns of a wider buffer) and returned."""
     small_fp32 = {a.dtype, b.dtype} == {torch.bfloat16, torch.float32}
     if dtype == torch.float32 and small_fp32 and a.dim() == 2 and b.dim() == 2:
         if b.dtype == torch.float32 and skinny_mm.supported(a, b):
-            return skinny_mm.skinny_mm(a, b, scale)
+            return skinny_mm.skinny_mm(a, b, scale, out=out)
         if a.dtype == torch.float32 and skinny_mm.supported(b.t(), a.t()):  # (b^T a^T)^T, into [R, K] rows
-            out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+            if out is None:
+                out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
             skinny_mm.skinny_mm(b.t(), a.t(), scale, out=out.t())
             return out
     if a.is_cuda and dtype == torch.float32 and small_fp32 and has_out_dtype_mm(a.device.index or 0):
@@ -202,9 +204,10 @@ def _adapter_mm(a: Tensor, b: Tensor, dtype: torch.dtype, scale: float = 1.0) ->
             hi, lo = split_bf16(b)
             r = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
             r = r[:, :b.shape[1]] + r[:, b.shape[1]:]
-        return r if scale == 1.0 else scale * r
-    r = a.to(dtype) @ b.to(dtype)
-    return r if scale == 1.0 else scale * r
+    else:
+        r = a.to(dtype) @ b.to(dtype)
+    r = r if scale == 1.0 else scale * r
+    return r if out is None else out.copy_(r)
 
 
 def _fused_matmul(x: Tensor, w: Tensor, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
@@ -336,20 +339,11 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
 
 
 def _scaled_us(dys: list[Tensor], lora_bs: list[Tensor], scalings: list[float], adt: torch.dtype) -> Tensor:
-    """[s_1 dY_1 B_1 | s_2 dY_2 B_2 | ...] in the adapter dtype, [M, sum of ranks]: each product written straight
-    into its columns where skinny_mm takes it (no concatenation)."""
-    m = dys[0].shape[0]
-    out = torch.empty(m, sum(b.shape[1] for b in lora_bs), dtype=adt, device=dys[0].device)
-    r0 = 0
-    for dy, bm, s in zip(dys, lora_bs, scalings):
-        r = bm.shape[1]
-        cols = out[:, r0:r0 + r]
-        if (adt == bm.dtype == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16)
-                and skinny_mm.supported(dy, bm)):
-            skinny_mm.skinny_mm(dy, bm, s, out=cols)
-        else:
-            cols.copy_(_adapter_mm(dy, bm, adt, s))
-        r0 += r
+    """[s_1 dY_1 B_1 | s_2 dY_2 B_2 | ...] in the adapter dtype, [M, sum of ranks], each product written into its
+    columns (no concatenation)."""
+    out = torch.empty(dys[0].shape[0], sum(b.shape[1] for b in lora_bs), dtype=adt, device=dys[0].device)
+    for cols, dy, bm, s in zip(out.split([b.shape[1] for b in lora_bs], 1), dys, lora_bs, scalings):
+        _adapter_mm(dy, bm, adt, s, out=cols)
     return out
 
 

@@ -169,14 +169,11 @@ def test_gemv_paths(lead):
     """Every GEMV variant (the word GEMV for M <= 4, the tile GEMV's tensor-core dot above), with a partial last
     K-step (K = 96 in blocks of 32: the word GEMV's last step is partial). The tile GEMV takes M = 5..16 only with
     GEMV_MAX_M raised (by default those rows dequantize)."""
+    cases = [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]
     with kernel_path("gemv"):
-        _gemv_paths(lead)
-
-
-def _gemv_paths(lead):
-    for quant_type, double, blocksize, k in [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]:
-        check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
-        check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
+        for quant_type, double, blocksize, k in cases:
+            check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
+            check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
 
 
 def test_gemv_unaligned_weight_bytes(monkeypatch):
