@@ -104,6 +104,14 @@ if triton is not None:
         return qk * qk_scale, qk
 
     @triton.jit
+    def _skipping(j, skip_from, skip_to, MASKED: tl.constexpr):
+        """The block start for loop position j of a walk over [start, end) that leaves out [skip_from, skip_to)
+        (the loop runs end - start - (skip_to - skip_from) positions). Unmasked walks skip nothing."""
+        if MASKED:
+            return j + tl.where(j >= skip_from, skip_to - skip_from, 0)
+        return j
+
+    @triton.jit
     def _causal_window_mask(s, offs_m, offs_n, S, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
         """s [BLOCK_M queries, BLOCK_N keys] with the invisible (and out-of-range) keys at -inf."""
         ok = offs_n[None, :] < S
@@ -196,6 +204,15 @@ if triton is not None:
         return _key_range(m0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     @triton.jit
+    def _causal_strips(SUMMARY, flag, n_strips, strip0, STRIPS: tl.constexpr):
+        """1 when the mask equals the causal mask (key j visible from query i iff j <= i) on every strip
+        strip0 .. strip0 + STRIPS (field 4 or 9 of the summary at SUMMARY + flag), else 0: the partly visible
+        tiles of those strips then compute the causal mask instead of reading it (a tile read cost ~25% of
+        the forward at S 2048 on the H100)."""
+        offs = strip0 + tl.arange(0, STRIPS)
+        return tl.min(tl.load(SUMMARY + flag + offs, mask=offs < n_strips, other=1), 0)
+
+    @triton.jit
     def _bias(ptrs, inside, mask_min):
         """An additive mask's tile in log2 units (as the scores are): its values at or below mask_min (HF's
         masked value, the dtype's minimum) and those outside the sequence at -inf."""
@@ -214,14 +231,16 @@ if triton is not None:
         return tl.where(vis != 0, s, float("-inf"))
 
     @triton.jit
-    def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
-                    stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+    def _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, start, end, skip_from, skip_to, S, window, stride_kn,
+                    stride_kd, stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
                     HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        """Online softmax over the key blocks [start, end)."""
+        """Online softmax over the key blocks [start, end) except [skip_from, skip_to) (MASKED: the partly visible
+        blocks on both sides of the unmasked run; else skip_from = skip_to = end)."""
         offs_d = tl.arange(0, BLOCK_D)
-        for n0 in range(start, end, BLOCK_N):
+        for j in range(start, end - (skip_to - skip_from), BLOCK_N):
+            n0 = _skipping(j, skip_from, skip_to, MASKED)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = _load_tile(K, offs_n, offs_d, S, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -276,19 +295,25 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo, hi, full_lo, full_hi = _row_key_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0, S, window,
                                                   CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
-        if WINDOW or HAS_MASK:
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, full_lo, S, window,
+        tri = 0
+        if HAS_MASK:
+            tri = _causal_strips(SUMMARY, b * stride_sb + 4 * field_stride, n_strips, m0 // 16, BLOCK_M // 16)
+        # the blocks every row sees whole, then the partly visible ones before and after them, in one loop
+        # (a third loop cost ~25% of the kernel with a mask, even when empty: H100, S 2048-8192)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_lo, full_hi, full_hi, full_hi, S,
+                                    window, stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq,
+                                    stride_mk, qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                    MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        if tri != 0:  # the causal mask: computed, not read (same code as the causal flag's)
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, hi, full_lo, full_hi, S, window,
+                                        stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
+                                        qk_scale, softcap, mask_min, True, False, SOFTCAP, HAS_PAD, False, False, True,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        else:
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, lo, hi, full_lo, full_hi, S, window,
                                         stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
                                         qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
                                         MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
-                                    MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, PAD, MASK, offs_m, full_hi, hi, S, window,
-                                    stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk,
-                                    qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
-                                    MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         empty = l_i == 0.0  # no visible key: out 0, lse +inf
         l_safe = tl.where(empty, 1.0, l_i)
         _store_tile(OUT, acc / l_safe[:, None], offs_m, offs_d, S, stride_os, stride_od, HEAD_DIM)
@@ -313,13 +338,15 @@ if triton is not None:
         tl.store(DELTA + bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
     @triton.jit
-    def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, start, end, S, window, stride_kn, stride_kd,
-                   stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+    def _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, start, end, skip_from, skip_to, S, window,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
+                   mask_min,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
                    HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         offs_d = tl.arange(0, BLOCK_D)
-        for n0 in range(start, end, BLOCK_N):
+        for j in range(start, end - (skip_to - skip_from), BLOCK_N):
+            n0 = _skipping(j, skip_from, skip_to, MASKED)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = _load_tile(K, offs_n, offs_d, S, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASKED)
             v = _load_tile(V, offs_n, offs_d, S, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, MASKED)
@@ -374,25 +401,29 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lo, hi, full_lo, full_hi = _row_key_range(SUMMARY, b * stride_sb, n_strips, field_stride, m0, S, window,
                                                   CAUSAL, WINDOW, HAS_MASK, BLOCK_M, BLOCK_N)
-        if WINDOW or HAS_MASK:
-            dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, full_lo, S, window, stride_ks,
-                            stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                            mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D,
+        tri = 0
+        if HAS_MASK:
+            tri = _causal_strips(SUMMARY, b * stride_sb + 4 * field_stride, n_strips, m0 // 16, BLOCK_M // 16)
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_lo, full_hi, full_hi, full_hi, S,
+                        window, stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale,
+                        softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False, HEAD_DIM,
+                        BLOCK_D, BLOCK_N, PRECISION)
+        if tri != 0:  # the causal mask: computed, not read
+            dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, hi, full_lo, full_hi, S, window,
+                            stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale,
+                            softcap, mask_min, True, False, SOFTCAP, HAS_PAD, False, False, True, HEAD_DIM, BLOCK_D,
                             BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_lo, full_hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                        mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, False, HEAD_DIM, BLOCK_D,
-                        BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, full_hi, hi, S, window, stride_ks,
-                        stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale, softcap,
-                        mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D,
-                        BLOCK_N, PRECISION)
+        else:
+            dq = _dq_blocks(dq, q, do, lse2, delta, K, V, PAD, MASK, offs_m, lo, hi, full_lo, full_hi, S, window,
+                            stride_ks, stride_kd, stride_vs, stride_vd, stride_ps, stride_mq, stride_mk, qk_scale,
+                            softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM,
+                            BLOCK_D, BLOCK_N, PRECISION)
         _store_tile(DQ + b * stride_gb + h * stride_gh, dq * scale, offs_m, offs_d, S, stride_gs, stride_gd,
                     HEAD_DIM)
 
     @triton.jit
-    def _dkdv_blocks(dk, dv, k, v, real, Q, DO, LSE, DELTA, MASK, offs_n, start, end, S, window, stride_qm,
-                     stride_qd, stride_dm, stride_dd, stride_mq, stride_mk, qk_scale, softcap, mask_min,
+    def _dkdv_blocks(dk, dv, k, v, real, Q, DO, LSE, DELTA, MASK, offs_n, start, end, skip_from, skip_to, S, window,
+                     stride_qm, stride_qd, stride_dm, stride_dd, stride_mq, stride_mk, qk_scale, softcap, mask_min,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
                      HAS_MASK: tl.constexpr, MASK_BIAS: tl.constexpr, MASKED: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -400,7 +431,8 @@ if triton is not None:
         """dK, dV of one key block over the query blocks [start, end) of one query head, in the transposed
         orientation ([keys, queries] tiles) so that no tile is transposed in registers."""
         offs_d = tl.arange(0, BLOCK_D)
-        for m0 in range(start, end, BLOCK_M):
+        for j in range(start, end - (skip_to - skip_from), BLOCK_M):
+            m0 = _skipping(j, skip_from, skip_to, MASKED)
             offs_m = m0 + tl.arange(0, BLOCK_M)
             q = _load_tile(Q, offs_m, offs_d, S, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, MASKED)
             do = _load_tile(DO, offs_m, offs_d, S, stride_dm, stride_dd, HEAD_DIM, BLOCK_D, MASKED)
@@ -460,9 +492,11 @@ if triton is not None:
                        BLOCK_D, True)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        if HAS_MASK:  # fields 4..7 of the summary: the query tiles each key strip is seen by
-            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb + 4 * field_stride, n_strips,
+        tri = 0
+        if HAS_MASK:  # fields 5..9 of the summary: the query tiles each key strip is seen by
+            lo, hi, full_lo, full_hi = _mask_range(SUMMARY, b * stride_sb + 5 * field_stride, n_strips,
                                                    field_stride, n0 // 16, S, BLOCK_N, BLOCK_N // 16, BLOCK_M)
+            tri = _causal_strips(SUMMARY, b * stride_sb + 9 * field_stride, n_strips, n0 // 16, BLOCK_N // 16)
         else:
             lo, hi, full_lo, full_hi = _query_range(n0, S, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         MASK += b * stride_mb
@@ -475,59 +509,81 @@ if triton is not None:
             Qh = Q + b * stride_qb + h64 * stride_qh
             DOh = DO + b * stride_db + h64 * stride_dh
             row = (b * (HKV * GROUP) + h64) * S
-            if CAUSAL or HAS_MASK:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, lo, full_lo,
-                                      S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                      qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
-                                      MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
             dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_lo, full_hi,
-                                  S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                  qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
+                                  full_hi, full_hi, S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq,
+                                  stride_mk, qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
                                   MASK_BIAS, False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, full_hi, hi,
-                                  S, window, stride_qs, stride_qd, stride_ds, stride_dd, stride_mq, stride_mk,
-                                  qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP, HAS_PAD, HAS_MASK,
-                                  MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+            if tri != 0:  # the causal mask: computed, not read
+                dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, lo, hi,
+                                      full_lo, full_hi, S, window, stride_qs, stride_qd, stride_ds, stride_dd,
+                                      stride_mq, stride_mk, qk_scale, softcap, mask_min, True, False, SOFTCAP, HAS_PAD,
+                                      False, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+            else:
+                dk, dv = _dkdv_blocks(dk, dv, k, v, real, Qh, DOh, LSE + row, DELTA + row, MASK, offs_n, lo, hi,
+                                      full_lo, full_hi, S, window, stride_qs, stride_qd, stride_ds, stride_dd,
+                                      stride_mq, stride_mk, qk_scale, softcap, mask_min, CAUSAL, WINDOW, SOFTCAP,
+                                      HAS_PAD, HAS_MASK, MASK_BIAS, True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         _store_tile(DK + b * stride_kgb + kvh64 * stride_kgh, dk * scale, offs_n, offs_d, S, stride_kgs, stride_kgd,
                     HEAD_DIM)
         _store_tile(DV + b * stride_vgb + kvh64 * stride_vgh, dv, offs_n, offs_d, S, stride_vgs, stride_vgd, HEAD_DIM)
 
     @triton.jit
-    def _summary_kernel(MASK, OUT, S, n_strips, stride_b, stride_r, stride_c, stride_ob, field_stride,
-                        TILES: tl.constexpr):
-        """Fields 0-3 of _mask_summary for one strip of 16 rows of one batch entry, TILES tiles of 16 columns
-        at a time, in order (rows = queries and columns = keys, or the other way round via the strides)."""
+    def _tile_count_kernel(MASK, COUNT, S, n_strips, stride_b, stride_r, stride_c, TILES: tl.constexpr):
+        """COUNT[b, strip, t] = the visible pairs of the 16 x 16 tile (query rows strip, key columns t) of the mask
+        plus 2^16 x the pairs where it is not the causal mask, for
+        TILES tiles of one strip: every tile in parallel (one sequential walk per strip was ~19 us a launch at
+        S 2048 on the H100, and grew with S^2 / the number of strips)."""
+        b = tl.program_id(2).to(tl.int64)
+        strip = tl.program_id(0)
+        t0 = tl.program_id(1) * TILES
+        rows = strip * 16 + tl.arange(0, 16)
+        c = t0 * 16 + tl.arange(0, TILES * 16)
+        ok = (rows[:, None] < S) & (c[None, :] < S)
+        ptrs = MASK + b * stride_b + rows.to(tl.int64)[:, None] * stride_r + c.to(tl.int64)[None, :] * stride_c
+        vis = tl.load(ptrs, mask=ok, other=0) != 0
+        count = tl.sum(tl.sum(tl.reshape(vis.to(tl.int32), (16, TILES, 16)), 2), 0)  # [TILES]
+        # pairs where the mask differs from the causal mask (j <= i): bit 16 up
+        odd = ok & (vis != (c[None, :] <= rows[:, None]))
+        odd = tl.sum(tl.sum(tl.reshape(odd.to(tl.int32), (16, TILES, 16)), 2), 0)
+        t = t0 + tl.arange(0, TILES)
+        tl.store(COUNT + (b * n_strips + strip) * n_strips + t, count + (odd << 16), mask=t < n_strips)
+
+    @triton.jit
+    def _summary_kernel(COUNT, OUT, S, n_strips, stride_r, stride_c, stride_ob, field_stride, CHUNK: tl.constexpr):
+        """Fields 0-4 of _mask_summary for one strip of one batch entry from the tile counts, CHUNK tiles at a
+        time, in order (the strip a row of COUNT and its tiles the columns, or the other way round via the
+        strides: both orientations from one count grid)."""
         b = tl.program_id(1).to(tl.int64)
         strip = tl.program_id(0)
-        rows = strip * 16 + tl.arange(0, 16)
-        base = MASK + b * stride_b + rows.to(tl.int64)[:, None] * stride_r
+        base = COUNT + b * n_strips * n_strips + strip * stride_r
         rows_in = tl.minimum(S - strip * 16, 16)
         first = n_strips
         end = n_strips * 0
         full_first = n_strips
         full_end = n_strips
-        for t0 in range(0, n_strips, TILES):
-            c = t0 * 16 + tl.arange(0, TILES * 16)
-            ok = (rows[:, None] < S) & (c[None, :] < S)
-            tile = tl.load(base + c.to(tl.int64)[None, :] * stride_c, mask=ok, other=0)
-            count = tl.sum(tl.reshape((tile != 0).to(tl.int32), (16, TILES, 16)), 2)  # [rows, tiles]
-            count = tl.sum(count, 0)  # [tiles]
-            t = t0 + tl.arange(0, TILES)
+        tri = n_strips * 0 + 1
+        for t0 in range(0, n_strips, CHUNK):
+            t = t0 + tl.arange(0, CHUNK)
+            inside = t < n_strips
+            packed = tl.load(base + t * stride_c, mask=inside, other=0)
+            count = packed & 0xFFFF
+            tri = tl.minimum(tri, tl.min(tl.where(packed >> 16 == 0, 1, 0), 0))
             area = rows_in * tl.minimum(S - t * 16, 16)
-            seen = (count > 0) & (t < n_strips)
-            full = (count == area) & (t < n_strips)
+            seen = (count > 0) & inside
+            full = (count == area) & inside
             first = tl.minimum(first, tl.min(tl.where(seen, t, n_strips), 0))
             end = tl.maximum(end, tl.max(tl.where(seen, t + 1, 0), 0))
             full_first = tl.minimum(full_first, tl.min(tl.where(full, t, n_strips), 0))
             # the run of full tiles starting at the first full one ends at the first tile after it that is not
             # full (full_first only decreases within the chunk that sets it: earlier chunks lie before it)
-            after = (t > full_first) & (~full) & (t < n_strips)
+            after = (t > full_first) & (~full) & inside
             full_end = tl.minimum(full_end, tl.min(tl.where(after, t, n_strips), 0))
         out = OUT + b * stride_ob + strip
         tl.store(out, first)
         tl.store(out + field_stride, end)
         tl.store(out + 2 * field_stride, full_first)
         tl.store(out + 3 * field_stride, full_end)
+        tl.store(out + 4 * field_stride, tri)
 
     _INTERPRETED = interpreted(_fwd_kernel)
 
@@ -536,13 +592,15 @@ if triton is not None:
 
     # One list for head dims up to 128 and one with narrower tiles for wider heads (fp32 accumulators of
     # BLOCK x D per program). S is symbolic in a compiled graph and varies: tune on a power-of-two bucket of it.
-    # The lists are short because every config is a compile (~1.5 s) in the model's first step: on the H100,
-    # out of 7 / 5 / 6 candidates, (64, 64, 4, 3) won every kernel at B4 x S2048 (D 64, causal or masked), and
-    # (128, 64, 4|8, 3) the forward and dq at S 8192; the rest never won (2026-11-26).
+    # The lists are short because every config is a compile (~1.5 s) in the model's first step. Sweeps of 5-11
+    # configs each on three H100s (2026-11-27, D 64, the HF causal bool mask, B4 x S2048 and B1 x S8192; the
+    # machines differ by up to 20% on one config, the rankings less): the forward is fastest with (128, 64, 4, 3)
+    # (245 vs 257 us for (64, 64, 4, 3) at S 2048, 797 vs 894 at S 8192), dq with (64, 32, 4, 3) (253 vs 280 at
+    # S 2048, 855 vs 953 at S 8192), dk/dv with (64, 64, 4, 3), in every sweep but one.
     _KEY = ["HEAD_DIM", "S_BUCKET", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "HAS_PAD", "HAS_MASK", "MASK_BIAS"]
     _CONFIGS = {  # (kernel, wide head): [(BLOCK_M, BLOCK_N, num_warps, num_stages)]
-        ("fwd", False): [(64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 2)],
-        ("dq", False): [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+        ("fwd", False): [(128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+        ("dq", False): [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
         ("dkdv", False): [(64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 2)],
         ("fwd", True): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
         ("dq", True): [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
@@ -559,8 +617,8 @@ if triton is not None:
     def _pruner(kernel):
         def prune(configs, nargs, **kwargs):
             """Drop the list's last config (the small one that fits anywhere) when a larger one fits this GPU's
-            shared memory: one compile fewer in the first step. Up to S = 4096 keep only the first (it won
-            every kernel at S 2048 on the H100)."""
+            shared memory: one compile fewer in the first step. Up to S = 4096 keep only the first (the fastest
+            at S 2048 on the H100, see above)."""
             q = nargs.get("Q")
             limit = shared_memory_limit(q)
             fits = [c for c in configs[:-1] if limit and _smem_bytes(
@@ -661,25 +719,33 @@ def _pad_args(key_padding: Optional[Tensor], fallback: Tensor):
 
 
 def _summarise(mask: Tensor) -> Tensor:
-    """_mask_summary by a Triton kernel (one program per strip and batch entry, for each orientation, reading
-    16 tiles per step): the reference's dozen small torch ops took 0.43 ms per call at S = 2048 on the H100."""
+    """_mask_summary by two Triton kernels: the visible pairs of every 16 x 16 tile (all tiles in parallel, the
+    mask read once), then the four fields of every query strip and every key strip from those counts (the
+    reference's dozen small torch ops took 0.43 ms per call at S = 2048 on the H100)."""
     Bm, _, S, _ = mask.shape
     T = triton.cdiv(S, 16)
-    out = torch.empty((8, Bm, T), dtype=torch.int32, device=mask.device)
     m = mask.view(torch.uint8)
-    for first, (sr, sc) in ((0, (m.stride(2), m.stride(3))), (4, (m.stride(3), m.stride(2)))):
-        launch(_summary_kernel, None, lambda _: (T, Bm), (m, out[first:], S, T, m.stride(0), sr, sc, T, Bm * T),
-               dict(TILES=4 if _INTERPRETED else 16), {}, mask.device)
+    count = torch.empty((Bm, T, T), dtype=torch.int32, device=mask.device)
+    tiles = 4 if _INTERPRETED else 16
+    launch(_tile_count_kernel, None, lambda _: (T, triton.cdiv(T, tiles), Bm),
+           (m, count, S, T, m.stride(0), m.stride(2), m.stride(3)), dict(TILES=tiles), {}, mask.device)
+    out = torch.empty((10, Bm, T), dtype=torch.int32, device=mask.device)
+    chunk = 16 if _INTERPRETED else min(max(16, triton.next_power_of_2(T)), 1024)
+    for first, (sr, sc) in ((0, (T, 1)), (5, (1, T))):
+        launch(_summary_kernel, None, lambda _: (T, Bm), (count, out[first:], S, T, sr, sc, T, Bm * T),
+               dict(CHUNK=chunk), {}, mask.device)
     return out
 
 
 def _mask_summary(mask: Tensor) -> Tensor:
-    """int32 [8, Bm, T] (T = ceil(S / 16)) describing a bool [Bm, 1, S, S] mask in strips of 16: fields 0-3 per
-    query strip over key tiles of 16, fields 4-7 per key strip over query tiles: the first tile with a visible
-    pair, one past the last, the first tile fully visible, and the end of the run of fully visible tiles that
-    starts there. The kernels visit only tiles inside [first, end), read the mask only outside the full run
-    (where every row of their block sees every key of the block), so a causal, sliding-window or padded mask
-    costs what the kernel's own causal / window / padding bounds cost, and any other mask stays exact."""
+    """int32 [10, Bm, T] (T = ceil(S / 16)) describing a bool [Bm, 1, S, S] mask in strips of 16: fields 0-4 per
+    query strip over key tiles of 16, fields 5-9 per key strip over query tiles: the first tile with a visible
+    pair, one past the last, the first tile fully visible, the end of the run of fully visible tiles that
+    starts there, and 1 if the whole strip is the causal mask's (j visible from i iff j <= i), else 0. The
+    kernels visit only tiles inside [first, end), read the mask only outside the full run (where every row of
+    their block sees every key of the block) and not even there on causal strips (the mask computed instead),
+    so a causal, sliding-window or padded mask costs what the kernel's own causal / window / padding bounds
+    cost, and any other mask stays exact."""
     Bm, _, S, _ = mask.shape
     T = triton.cdiv(S, 16)
     tiles = mask.new_zeros((Bm, T * 16, T * 16))
@@ -691,15 +757,19 @@ def _mask_summary(mask: Tensor) -> Tensor:
     seen = count > 0
     full = count == inside[:, None] * inside[None, :]
     idx = torch.arange(T, device=mask.device, dtype=torch.int32)
+    pos = torch.arange(S, device=mask.device)
+    odd = mask.new_zeros((Bm, T * 16, T * 16))
+    odd[:, :S, :S] = mask[:, 0] != (pos[None, :] <= pos[:, None])
+    tri = odd.view(Bm, T, 16, T, 16).sum((2, 4)) == 0  # [Bm, query tile, key tile]: the tile is causal
 
-    def runs(seen, full):
+    def runs(seen, full, tri):
         first = torch.where(seen, idx, T).amin(-1)
         end = torch.where(seen, idx + 1, 0).amax(-1)
         full_first = torch.where(full, idx, T).amin(-1)
         full_end = torch.where(~full & (idx >= full_first[..., None]), idx, T).amin(-1)
-        return [first, end, full_first, full_end]
+        return [first, end, full_first, full_end, tri.all(-1)]
 
-    fields = runs(seen, full) + runs(seen.transpose(1, 2), full.transpose(1, 2))
+    fields = runs(seen, full, tri) + runs(seen.transpose(1, 2), full.transpose(1, 2), tri.transpose(1, 2))
     return torch.stack(fields).to(torch.int32).contiguous()
 
 
@@ -714,9 +784,11 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tenso
         m = mask if mask.is_floating_point() else mask.view(torch.uint8)
     elif mask.is_floating_point():
         # an additive mask: a tile is visited where any value is above the dtype's minimum (HF's masked value)
-        # and needs no mask read where every value is 0 (fields 2, 3, 6, 7 of that summary)
+        # and needs no mask read where every value is 0 (fields 2, 3, 7, 8 of that summary); its values are added,
+        # so it is always read (never taken as the causal mask: fields 4, 9 are 0)
         seen, zero = _summarise(_additive_visible(mask)), _summarise(mask == 0)
-        summary = torch.stack([seen[0], seen[1], zero[2], zero[3], seen[4], seen[5], zero[6], zero[7]])
+        never = torch.zeros_like(seen[4])
+        summary = torch.stack([seen[0], seen[1], zero[2], zero[3], never, seen[5], seen[6], zero[7], zero[8], never])
         m = mask
     else:
         summary = _summarise(mask)
@@ -731,8 +803,8 @@ def _one_mask(mask: Tensor) -> Tensor:
 
 
 def _summary_shape(mask: Optional[Tensor], S) -> tuple:
-    """The shape of the forward's mask summary output: [8, Bm, ceil(S / 16)], or [0] without a mask."""
-    return (0,) if mask is None else (8, _one_mask(mask).shape[0], (S + 15) // 16)
+    """The shape of the forward's mask summary output: [10, Bm, ceil(S / 16)], or [0] without a mask."""
+    return (0,) if mask is None else (10, _one_mask(mask).shape[0], (S + 15) // 16)
 
 
 def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
@@ -865,7 +937,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                     key_padding: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs), the mask's summary
-    (int32 [8, Bm, ceil(S / 16)], see _mask_summary; [0] without a mask)); lse and the summary are returned only
+    (int32 [10, Bm, ceil(S / 16)], see _mask_summary; [0] without a mask)); lse and the summary are returned only
     to be saved for backward (lse +inf for a row that sees no key): the backward's two kernels then need no
     summary of their own (at S = 2048 each summary read the mask twice, ~19 us a launch on the H100)."""
     _check(q, k, v, scale, causal, window, softcap, key_padding, mask)

@@ -273,23 +273,26 @@ def test_dense_causal_mask_equals_causal_flag():
 def test_mask_summary():
     """The summary of a causal mask over 40 positions (3 strips of 16, the last ragged: positions past the end
     do not count against a full tile): strip i sees key tiles 0..i, the tiles before i fully; key strip j is
-    seen by query tiles j.., fully by j+1..; a padded key is seen by nobody."""
+    seen by query tiles j.., fully by j+1..; a padded key is seen by nobody. Every strip of the causal mask is
+    flagged causal; with the padded key, the strips of its tile (query and key) are not."""
     S = 40
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
     summary = ak._mask_summary((j <= i)[None, None])
-    first, end, full_first, full_end = summary[:4, 0]
+    first, end, full_first, full_end, tri = summary[:5, 0]
     assert first.tolist() == [0, 0, 0] and end.tolist() == [1, 2, 3]
-    assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 2]
-    first, end, full_first, full_end = summary[4:, 0]
+    assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 2] and tri.tolist() == [1, 1, 1]
+    first, end, full_first, full_end, tri = summary[5:, 0]
     assert first.tolist() == [0, 1, 2] and end.tolist() == [3, 3, 3]
-    assert full_first.tolist() == [1, 2, 3] and full_end.tolist() == [3, 3, 3]
+    assert full_first.tolist() == [1, 2, 3] and full_end.tolist() == [3, 3, 3] and tri.tolist() == [1, 1, 1]
     mask = (j <= i)[None, None] & (j != 20)  # key 20 padded: its tile is no longer full for anyone
-    first, end, full_first, full_end = ak._mask_summary(mask)[:4, 0]
+    summary = ak._mask_summary(mask)
+    first, end, full_first, full_end, tri = summary[:5, 0]
     assert full_first.tolist() == [3, 0, 0] and full_end.tolist() == [3, 1, 1]
+    assert tri.tolist() == [1, 0, 0] and summary[9, 0].tolist() == [1, 0, 1]  # query strips 1, 2 would see key 20
 
 
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("S", [1, 16, 37, 100])
+@pytest.mark.parametrize("S", [1, 16, 37, 100, 300])  # 300: 19 strips, more than one chunk of 16
 def test_summary_kernel_matches_reference(mask, S):
     """The Triton summary (what the op uses) equals the torch reference, for every mask kind and layout."""
     m = make_mask(mask, 2, S, torch.Generator().manual_seed(S)).to(DEVICE)
@@ -305,12 +308,27 @@ def test_wrong_mask_summary_is_caught(monkeypatch):
     def all_full(mask):
         summary = real(mask).clone()
         T = summary.shape[-1]
-        summary[[0, 4]], summary[[1, 5]], summary[[2, 6]], summary[[3, 7]] = 0, T, 0, T
+        summary[[0, 5]], summary[[1, 6]], summary[[2, 7]], summary[[3, 8]] = 0, T, 0, T
         return summary
 
     monkeypatch.setattr(ak, "_summarise", all_full)
     with pytest.raises(AssertionError, match="output"):
         run_case(2, 2, 1, 70, 16, torch.float32, mask="packed")
+
+
+def test_wrong_causal_flag_is_caught(monkeypatch):
+    """The causal fast path can fail: a summary that calls a padded causal mask causal (the partly visible tiles
+    then ignore the padding) is caught."""
+    real = ak._summarise
+
+    def all_causal(mask):
+        summary = real(mask).clone()
+        summary[[4, 9]] = 1
+        return summary
+
+    monkeypatch.setattr(ak, "_summarise", all_causal)
+    with pytest.raises(AssertionError, match="output"):
+        run_case(2, 2, 1, 70, 16, torch.float32, mask="causal_left_pad")
 
 
 @pytest.mark.parametrize("tiles", list(TILES))
@@ -504,7 +522,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fxopt.flash_attention.default,
                           (q, k, v, 0.5, False, 0, 0.0, None, mask))
     out, lse, summary = torch.ops.fxopt.flash_attention(q, k, v, 0.5, False, 0, 0.0, None, mask)
-    assert summary.shape == (8, 2, 1) and summary.dtype == torch.int32
+    assert summary.shape == (10, 2, 1) and summary.dtype == torch.int32
     torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, False, 0, 0.0, None, mask, summary))
 
