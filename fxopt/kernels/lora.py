@@ -314,7 +314,7 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     # the adapter's gradients are computed in its dtype, as PEFT does (see _adapter_mm); u_i = s_i dY_i B_i, as
     # column blocks of one [M, sum r] tensor: dA of all the adapters (they share x) is then one product reading x
     # once, instead of once per adapter
-    u_all = _scaled_us(dys, lora_bs, scalings, adt)
+    u_all, d_bs = _dy_products(dys, lora_bs, t, scalings, adt)
     ranks = [a.shape[0] for a in lora_as]
     us = list(u_all.split(ranks, 1))
     result = []
@@ -330,21 +330,23 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
     result += [dy.sum(0) for dy, nb in zip(dys, need_db) if nb]
     # copies: the op's outputs may not alias each other (the rows are [r, K], small next to the product)
     d_as = [d.to(a.dtype, copy=True) for d, a in zip(_adapter_mm(u_all.t(), xl, adt).split(ranks, 0), lora_as)]
-    d_bs, r0 = [], 0
-    for dy, a, s in zip(dys, lora_as, scalings):
-        r = a.shape[0]
-        d_bs.append(_adapter_mm(dy.t(), t[:, r0:r0 + r], adt, s).to(a.dtype))
-        r0 += r
-    return result + d_as + d_bs
+    return result + d_as + [d.to(a.dtype) for d, a in zip(d_bs, lora_as)]
 
 
-def _scaled_us(dys: list[Tensor], lora_bs: list[Tensor], scalings: list[float], adt: torch.dtype) -> Tensor:
-    """[s_1 dY_1 B_1 | s_2 dY_2 B_2 | ...] in the adapter dtype, [M, sum of ranks], each product written into its
-    columns (no concatenation)."""
-    out = torch.empty(dys[0].shape[0], sum(b.shape[1] for b in lora_bs), dtype=adt, device=dys[0].device)
-    for cols, dy, bm, s in zip(out.split([b.shape[1] for b in lora_bs], 1), dys, lora_bs, scalings):
-        _adapter_mm(dy, bm, adt, s, out=cols)
-    return out
+def _dy_products(dys: list[Tensor], lora_bs: list[Tensor], t: Tensor, scalings: list[float], adt: torch.dtype):
+    """(u_all, [dB_i]): u_all = [s_1 dY_1 B_1 | s_2 dY_2 B_2 | ...] in the adapter dtype, [M, sum of ranks], each
+    product written into its columns (no concatenation), and dB_i = s_i dY_i^T t_i. Both products of one dY_i
+    from one kernel reading it once where skinny_mm.dy_products takes the operands, else two products."""
+    ranks = [b.shape[1] for b in lora_bs]
+    u_all = torch.empty(dys[0].shape[0], sum(ranks), dtype=adt, device=dys[0].device)
+    d_bs = []
+    for cols, t_i, dy, bm, s in zip(u_all.split(ranks, 1), t.split(ranks, 1), dys, lora_bs, scalings):
+        if adt == torch.float32 and skinny_mm.dy_supported(dy, bm, t_i):
+            d_bs.append(skinny_mm.dy_products(dy, bm, t_i, s, u_out=cols)[1])
+        else:
+            _adapter_mm(dy, bm, adt, s, out=cols)
+            d_bs.append(_adapter_mm(dy.t(), t_i, adt, s))
+    return u_all, d_bs
 
 
 @lora_linear_backward.register_fake

@@ -9,6 +9,10 @@ Done with torch ops that split is 5-6 launches per product (cast, subtract, cast
 the halves): ~190 small launches per decoder block on the dense workload, ~6 ms of a 118 ms step. Here the
 split happens on the tile in registers, and the kernel reads X once: one launch per product (two when the K
 loop is split across programs, see _splits). X in fp32 (interpreter tests) takes exact fp32 products.
+
+The backward's two products of one output gradient, u = s dY B [M, R] and dB = s dY^T t [N, R], come from one
+kernel reading dY once (dy_products): it is the largest activation they read (8192 x 16384 for the dense
+workload's gate/up), and read twice it was ~2 ms of the step's 9.4 ms of adapter products.
 """
 from __future__ import annotations
 
@@ -79,6 +83,65 @@ if triton is not None:
         out = OUT + pid_p * stride_op + offs_m[:, None].to(tl.int64) * stride_om + rr[None, :] * stride_or
         tl.store(out, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
 
+    @triton.jit
+    def _hi_lo(s, dtype, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """fp32 s [ROWS, COLS] as [ROWS, 2 COLS] in dtype: column 2j = hi_j = s_j rounded, 2j + 1 = s_j - hi_j."""
+        hi = s.to(dtype)
+        lo = (s - hi.to(tl.float32)).to(dtype)
+        return tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))
+
+    @triton.jit
+    def _pair_sum(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """[ROWS, 2 COLS] -> [ROWS, COLS]: columns 2j and 2j + 1 added (the hi and lo halves of a product)."""
+        return tl.sum(tl.reshape(p, (ROWS, COLS, 2)), 2)
+
+    @triton.jit
+    def _dy_products_kernel(
+        DY, B, T, U, DB, M, N, R, N_PER_SPLIT,
+        stride_ym, stride_yn, stride_bn, stride_br, stride_tm, stride_tr,
+        stride_up, stride_um, stride_ur, stride_dp, stride_dn, stride_dr,
+        scale,
+        SPLIT_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """For BLOCK_M rows of dY and program p's range of its columns: U[p, rows] = scale * dY @ B over that
+        range, and DB[m-block, columns] = scale * dY^T @ T over those rows, each dY tile loaded once."""
+        pid_m = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        rn = tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_r = rr < R
+        t = tl.load(T + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if SPLIT_S:  # fp32 operands as hi + lo in dY's dtype, interleaved columns: one product of twice the width
+            t = _hi_lo(t, DY.dtype.element_ty, BLOCK_M, BLOCK_R)
+            u = tl.zeros((BLOCK_M, 2 * BLOCK_R), dtype=tl.float32)
+        else:
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        n0 = pid_p * N_PER_SPLIT
+        n_end = tl.minimum(n0 + N_PER_SPLIT, N)
+        y_rows = DY + offs_m[:, None].to(tl.int64) * stride_ym
+        for n in range(n0, n_end, BLOCK_N):
+            nn = n + rn
+            mask_n = nn < n_end
+            dy = tl.load(y_rows + nn[None, :].to(tl.int64) * stride_yn, mask=mask_m[:, None] & mask_n[None, :],
+                         other=0.0)
+            b = tl.load(B + nn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            if SPLIT_S:
+                u = tl.dot(dy, _hi_lo(b, dy.dtype, BLOCK_N, BLOCK_R), u)
+                db = _pair_sum(tl.dot(tl.trans(dy), t), BLOCK_N, BLOCK_R)
+            else:  # fp32 dY: exact fp32 products
+                u = tl.dot(dy, b, u, input_precision="ieee")
+                db = tl.dot(tl.trans(dy), t, input_precision="ieee")
+            tl.store(DB + pid_m * stride_dp + nn[:, None].to(tl.int64) * stride_dn + rr[None, :] * stride_dr,
+                     db * scale, mask=mask_n[:, None] & mask_r[None, :])
+        if SPLIT_S:
+            u = _pair_sum(u, BLOCK_M, BLOCK_R)
+        tl.store(U + pid_p * stride_up + offs_m[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                 u * scale, mask=mask_m[:, None] & mask_r[None, :])
+
     _INTERPRETED = interpreted(_skinny_mm_kernel)
 
 
@@ -135,6 +198,58 @@ def skinny_mm(x: Tensor, s: Tensor, scale: float = 1.0, out: Tensor | None = Non
     if splits > 1:
         torch.sum(dest, 0, out=out)
     return out
+
+
+# dy_products' launch configuration by R's padded width: the fp32 accumulator u is BLOCK_M x 2 BLOCK_R (hi and lo
+# columns) and so is t, so wider adapters take fewer rows. Wider than DY_MAX_R: two skinny_mm calls. A sweep of 6
+# configs x 2 grid sizes on the H100 (2026-11-27, dY 8192 x 8192 / 2048 / 512, R 16): (128, 64, 4 warps, 3 stages)
+# at two programs per SM, 81.6 / 25.2 / 11.3 us against 100.5 / 26.4 / 14.6 for the two skinny_mm reads of dY.
+DY_CONFIGS = {
+    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+}
+DY_MAX_R = max(DY_CONFIGS)
+
+
+def dy_products(dy: Tensor, b: Tensor, t: Tensor, scale: float = 1.0, u_out: Tensor | None = None):
+    """(u, db) = (scale * dy @ b [M, R], scale * dy^T @ t [N, R]), fp32, dY [M, N] read once (R <= DY_MAX_R);
+    u into `u_out` if given (any strides). The partial sums (of u over column ranges, of db over row blocks)
+    are added afterwards: no atomics, deterministic."""
+    M, N = dy.shape
+    R = b.shape[1]
+    u = u_out if u_out is not None else torch.empty(M, R, dtype=torch.float32, device=dy.device)
+    if M == 0 or N == 0 or R == 0:
+        return u.zero_(), torch.zeros(N, R, dtype=torch.float32, device=dy.device)
+    block_r = max(16, triton.next_power_of_2(R))
+    cfg = DY_CONFIGS[min(w for w in DY_CONFIGS if w >= block_r)]
+    block_m, block_n = (16, 16) if _INTERPRETED else (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    m_blocks = triton.cdiv(M, block_m)
+    splits = _splits(m_blocks, N, block_n, dy.device)
+    n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    splits = triton.cdiv(N, n_per_split)
+    u_dest = u if splits == 1 else torch.empty(splits, M, R, dtype=torch.float32, device=dy.device)
+    db = torch.empty(N, R, dtype=torch.float32, device=dy.device)
+    db_dest = db if m_blocks == 1 else torch.empty(m_blocks, N, R, dtype=torch.float32, device=dy.device)
+    su = (0, *u.stride()) if splits == 1 else u_dest.stride()
+    sd = (0, *db.stride()) if m_blocks == 1 else db_dest.stride()
+    meta = dict(SPLIT_S=dy.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+    if not _INTERPRETED:
+        meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_dy_products_kernel, None, lambda _: (m_blocks, splits),
+           (dy, b, t, u_dest, db_dest, M, N, R, n_per_split, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+            t.stride(0), t.stride(1), *su, *sd, float(scale)), {}, meta, dy.device)
+    if splits > 1:
+        torch.sum(u_dest, 0, out=u)
+    if m_blocks > 1:
+        torch.sum(db_dest, 0, out=db)
+    return u, db
+
+
+def dy_supported(dy: Tensor, b: Tensor, t: Tensor) -> bool:
+    """Whether dy_products takes these: skinny_mm's operands (dY as the activation, B and t fp32 on its device)
+    and R <= DY_MAX_R."""
+    return (supported(dy, b) and b.shape[1] <= DY_MAX_R and t.dtype == torch.float32 and t.dim() == 2
+            and t.device == dy.device and t.shape == (dy.shape[0], b.shape[1]))
 
 
 def reference(x: Tensor, s: Tensor, scale: float = 1.0) -> Tensor:

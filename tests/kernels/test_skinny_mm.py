@@ -88,3 +88,58 @@ def test_unsupported_operands_are_refused():
 ])
 def test_bf16_gpu(m, k, r, layout):
     check(m, k, r, torch.bfloat16, layout, scale=2.0)
+
+
+def check_dy_products(m, n, r, dtype, layout="contiguous", u_layout="rows", scale=1.0, seed=0):
+    """dy_products' u = scale dY B and dB = scale dY^T t against float64; u written through `u_layout` strides
+    into a NaN-poisoned buffer (an unwritten element fails)."""
+    g = torch.Generator().manual_seed(seed)
+    dy = activation(m, n, dtype, layout, g)
+    b = (torch.randn(n, r, generator=g) * 0.02).to(DEVICE)
+    t = torch.randn(m, r, generator=g).to(DEVICE)
+    assert sk.dy_supported(dy, b, t)
+    buf = torch.full((m, r + 3) if u_layout == "columns" else (r, m), float("nan"), device=DEVICE)
+    u_out = buf[:, 1:r + 1] if u_layout == "columns" else buf.t()
+    u, db = sk.dy_products(dy, b, t, scale, u_out=u_out)
+    assert u.data_ptr() == u_out.data_ptr() and db.shape == (n, r) and db.dtype == torch.float32
+    err_u = rel(u, sk.reference(dy, b, scale))
+    err_db = rel(db, sk.reference(dy.t(), t, scale))
+    assert err_u <= EXPECTED[dtype], ("u", m, n, r, dtype, layout, err_u)
+    assert err_db <= EXPECTED[dtype], ("db", m, n, r, dtype, layout, err_db)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter cases; bf16 runs on the GPU below")
+@settings(max_examples=40)
+@given(m=st.integers(1, 70), n=st.integers(1, 90), r=st.integers(1, 64), dtype=interpreted_dtypes,
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+       u_layout=st.sampled_from(["columns", "transposed"]), scale=st.sampled_from([1.0, 0.5, 2.0]))
+def test_dy_products_match_float64(m, n, r, dtype, layout, u_layout, scale):
+    check_dy_products(m, n, r, dtype, layout, u_layout, scale)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter cases")
+def test_dy_products_sum_partials():
+    # 40 rows of 16 (three row blocks: three dB partials) and 40 columns split over two programs (two u partials):
+    # a partial dropped or counted twice is far outside the tolerance
+    assert sk._splits(3, 40, 16, torch.device("cpu")) == 2
+    check_dy_products(40, 40, 5, torch.float32)
+
+
+def test_dy_products_refuse_wide_or_mismatched_operands():
+    dt = torch.float16 if not CUDA else torch.bfloat16
+    dy = torch.randn(4, 8, device=DEVICE, dtype=dt)
+    assert not sk.dy_supported(dy, torch.randn(8, sk.DY_MAX_R + 1, device=DEVICE),
+                               torch.randn(4, sk.DY_MAX_R + 1, device=DEVICE))
+    assert not sk.dy_supported(dy, torch.randn(8, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE))  # t rows
+    assert not sk.dy_supported(dy, torch.randn(8, 4, device=DEVICE), torch.randn(4, 4, device=DEVICE).half())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,r,layout", [
+    (8192, 8192, 16, "contiguous"),   # gate (and up) of the dense workload
+    (8192, 2048, 16, "contiguous"),   # q, o, down
+    (8192, 512, 16, "contiguous"),    # k, v
+    (1, 2048, 16, "contiguous"), (33, 4095, 7, "sliced"), (4095, 33, 64, "transposed"), (300, 700, 40, "contiguous"),
+])
+def test_dy_products_bf16_gpu(m, n, r, layout):
+    check_dy_products(m, n, r, torch.bfloat16, layout, scale=2.0)
