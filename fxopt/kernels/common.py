@@ -166,6 +166,20 @@ if triton is not None:
         return tl.where(u < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
 
     @triton.jit
+    def hi_lo_columns(s, dtype, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """fp32 s [ROWS, COLS] as [ROWS, 2 COLS] in a half dtype: column 2j = hi_j = s_j rounded, 2j + 1 =
+        s_j - hi_j rounded (hi + lo keeps ~16 significant bits, ~2^-17 relative). A product with a half-precision
+        activation then runs on tensor cores as one product of twice the width; pair_sum adds the halves."""
+        hi = s.to(dtype)
+        lo = (s - hi.to(tl.float32)).to(dtype)
+        return tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))
+
+    @triton.jit
+    def pair_sum(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """[ROWS, 2 COLS] -> [ROWS, COLS]: columns 2j and 2j + 1 added (the hi and lo halves of a product)."""
+        return tl.sum(tl.reshape(p, (ROWS, COLS, 2)), 2)
+
+    @triton.jit
     def act_and_grad(g, ACT: tl.constexpr):
         """act(g) and act'(g) in fp32 (ACT: 0 silu, 1 gelu with erf, 2 gelu with the tanh approximation)."""
         if ACT == 0:
@@ -184,7 +198,7 @@ if triton is not None:
             da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
         return a, da
 else:
-    tanh = act_and_grad = None  # the kernels that call them are not defined either
+    tanh = act_and_grad = hi_lo_columns = pair_sum = None  # the kernels that call them are not defined either
 
 
 # The gated activations of MLPs and MoE experts (transformers' "silu", "gelu", "gelu_pytorch_tanh"); index = the

@@ -307,9 +307,22 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
                          lora_as: list[Tensor], lora_bs: list[Tensor], scalings: list[float], need_dx: bool,
                          need_dw: list[bool], need_db: list[bool]) -> list[Tensor]:
     """Returns [dx?] + [dx_lora?] + [dW_i where need_dw[i]] + [db_i where need_db[i]] + [dA_i] + [dB_i]."""
+    result, u_all, d_bs = backward_parts(grads, x, x_lora, t, weights, lora_as, lora_bs, scalings, need_dx, need_dw,
+                                         need_db)
+    adt = lora_as[0].dtype
+    ranks = [a.shape[0] for a in lora_as]
+    # copies: the op's outputs may not alias each other (the rows are [r, K], small next to the product)
+    d_as = [d.to(a.dtype, copy=True) for d, a in
+            zip(_adapter_mm(u_all.t(), _adapter_input(_flat(x), x_lora), adt).split(ranks, 0), lora_as)]
+    return result + d_as + [d.to(a.dtype) for d, a in zip(d_bs, lora_as)]
+
+
+def backward_parts(grads, x, x_lora, t, weights, lora_as, lora_bs, scalings, need_dx, need_dw, need_db):
+    """lora_linear_backward without dA: ([dx?] + [dx_lora?] + [dW_i?] + [db_i?], u_all = [s_1 dY_1 B_1 | ...]
+    [M, sum of ranks] (dA = u_all^T x_l, split by rank), [dB_i] in the adapter dtype). For a caller that forms
+    dA itself (swiglu: from g and u, without h); x is read only for dx's shape and dtype unless a dW is asked."""
     x2 = _flat(x)
     adt = lora_as[0].dtype
-    xl = _adapter_input(x2, x_lora)
     dys = [g.reshape(-1, g.shape[-1]) for g in grads]
     # the adapter's gradients are computed in its dtype, as PEFT does (see _adapter_mm); u_i = s_i dY_i B_i, as
     # column blocks of one [M, sum r] tensor: dA of all the adapters (they share x) is then one product reading x
@@ -328,9 +341,7 @@ def lora_linear_backward(grads: list[Tensor], x: Tensor, x_lora: Optional[Tensor
         result.append(dxl.to(x_lora.dtype).view(x_lora.shape))
     result += [dy.t() @ x2 for dy, nw in zip(dys, need_dw) if nw]
     result += [dy.sum(0) for dy, nb in zip(dys, need_db) if nb]
-    # copies: the op's outputs may not alias each other (the rows are [r, K], small next to the product)
-    d_as = [d.to(a.dtype, copy=True) for d, a in zip(_adapter_mm(u_all.t(), xl, adt).split(ranks, 0), lora_as)]
-    return result + d_as + [d.to(a.dtype) for d, a in zip(d_bs, lora_as)]
+    return result, u_all, d_bs
 
 
 def _dy_products(dys: list[Tensor], lora_bs: list[Tensor], t: Tensor, scalings: list[float], adt: torch.dtype):

@@ -25,7 +25,7 @@ try:
 except ImportError:  # no Triton: callers take their torch math
     triton = None
 
-from fxopt.kernels.common import FAILED, interpreted, launch, sm_count
+from fxopt.kernels.common import FAILED, hi_lo_columns, interpreted, launch, pair_sum, sm_count
 
 MAX_R = 256  # widest S the kernel takes (its fp32 accumulator is BLOCK_M x BLOCK_R)
 # The GPU launch configuration by S's padded width (BLOCK_R), the fastest of benchmarks/bench_skinny_mm.py's
@@ -84,18 +84,6 @@ if triton is not None:
         tl.store(out, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
 
     @triton.jit
-    def _hi_lo(s, dtype, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """fp32 s [ROWS, COLS] as [ROWS, 2 COLS] in dtype: column 2j = hi_j = s_j rounded, 2j + 1 = s_j - hi_j."""
-        hi = s.to(dtype)
-        lo = (s - hi.to(tl.float32)).to(dtype)
-        return tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))
-
-    @triton.jit
-    def _pair_sum(p, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """[ROWS, 2 COLS] -> [ROWS, COLS]: columns 2j and 2j + 1 added (the hi and lo halves of a product)."""
-        return tl.sum(tl.reshape(p, (ROWS, COLS, 2)), 2)
-
-    @triton.jit
     def _dy_products_kernel(
         DY, B, T, U, DB, M, N, R, N_PER_SPLIT,
         stride_ym, stride_yn, stride_bn, stride_br, stride_tm, stride_tr,
@@ -115,7 +103,7 @@ if triton is not None:
         t = tl.load(T + offs_m[:, None].to(tl.int64) * stride_tm + rr[None, :] * stride_tr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if SPLIT_S:  # fp32 operands as hi + lo in dY's dtype, interleaved columns: one product of twice the width
-            t = _hi_lo(t, DY.dtype.element_ty, BLOCK_M, BLOCK_R)
+            t = hi_lo_columns(t, DY.dtype.element_ty, BLOCK_M, BLOCK_R)
             u = tl.zeros((BLOCK_M, 2 * BLOCK_R), dtype=tl.float32)
         else:
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -130,15 +118,15 @@ if triton is not None:
             b = tl.load(B + nn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             if SPLIT_S:
-                u = tl.dot(dy, _hi_lo(b, dy.dtype, BLOCK_N, BLOCK_R), u)
-                db = _pair_sum(tl.dot(tl.trans(dy), t), BLOCK_N, BLOCK_R)
+                u = tl.dot(dy, hi_lo_columns(b, dy.dtype, BLOCK_N, BLOCK_R), u)
+                db = pair_sum(tl.dot(tl.trans(dy), t), BLOCK_N, BLOCK_R)
             else:  # fp32 dY: exact fp32 products
                 u = tl.dot(dy, b, u, input_precision="ieee")
                 db = tl.dot(tl.trans(dy), t, input_precision="ieee")
             tl.store(DB + pid_m * stride_dp + nn[:, None].to(tl.int64) * stride_dn + rr[None, :] * stride_dr,
                      db * scale, mask=mask_n[:, None] & mask_r[None, :])
         if SPLIT_S:
-            u = _pair_sum(u, BLOCK_M, BLOCK_R)
+            u = pair_sum(u, BLOCK_M, BLOCK_R)
         tl.store(U + pid_p * stride_up + offs_m[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
                  u * scale, mask=mask_m[:, None] & mask_r[None, :])
 

@@ -9,10 +9,13 @@ Why: a LoRA down projection needs its input h for dA, and the gate needs g and u
 unfused step keeps g, u and h alive until the backward: on the dense workload (8192 tokens, intermediate 8192,
 bf16) that is 3 x 128 MiB per layer. Here the op saves g and u (which the gate's backward needs anyway) and
 t = h A^T, and recomputes h in the backward (one elementwise pass): 128 MiB per layer less.
-Backward (one op, fxopt::swiglu_lora_linear_backward): h recomputed; dh, dA, dB (and dW, db where they require
-grad) by fxopt::lora_linear_backward; then dg = dh * u * act'(g), du = dh * act(g) in one elementwise kernel
-that writes dg over dh and du over h, so the MLP's backward holds g, u and two more [tokens x intermediate]
-buffers instead of four.
+Backward (one op, fxopt::swiglu_lora_linear_backward): dh and dB (and db) by fxopt::lora_linear's backward,
+then one kernel over tiles of g, u and dh writes dg = dh * u * act'(g) over dh and du = dh * act(g), and forms
+dA = (s dY B)^T h with h recomputed in registers: h is never written again (recomputing it into memory for dA
+read g and u, wrote h and read it back: 512 MiB per layer of the dense workload, ~2.7 ms of its step). The MLP's
+backward holds g, u and two more [tokens x intermediate] buffers. Where the down projection's weight itself
+requires grad (dW = dY^T h) or the kernel does not apply, h is recomputed into memory as a temporary (du is
+then written over it).
 
 Elementwise kernels: Triton on CUDA (and in the interpreter on CPU, how CI tests them); torch math otherwise.
 """
@@ -31,8 +34,9 @@ except ImportError:  # no Triton: the torch math
 
 from fxopt.kernels import lora as _lora
 from fxopt.kernels import nf4 as _nf4
-from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, act_reference, interpreted,
-                                  launch, new_output, use_triton, with_fallback)
+from fxopt.kernels import skinny_mm as _skinny
+from fxopt.kernels.common import (ACTIVATIONS, act_and_grad, act_and_grad_torch, act_reference, hi_lo_columns,
+                                  interpreted, launch, new_output, pair_sum, use_triton, with_fallback)
 
 _INTERPRETED = False
 BLOCK = 1024
@@ -58,6 +62,49 @@ if triton is not None:
         a, da = act_and_grad(g, ACT)
         tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=ok)
         tl.store(DG + offs, (dh * u * da).to(DG.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _swiglu_backward_da_kernel(DH, G, U, DG, DU, UA, DA, M, K, R, M_PER_SPLIT,
+                                   stride_am, stride_ar, stride_dp, stride_dk, stride_dr,
+                                   ACT: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """For BLOCK_K columns of the [M, K] tensors (contiguous) and program p's range of rows: DG = dh * u *
+        act'(g) (over DH), DU = dh * act(g), and DA[p, columns] = h^T @ UA over those rows, h = act(g) * u
+        rounded to g's dtype as the forward formed it."""
+        pid_k = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, BLOCK_R)
+        mask_k = offs_k < K
+        mask_r = rr < R
+        m0 = pid_p * M_PER_SPLIT
+        m_end = tl.minimum(m0 + M_PER_SPLIT, M)
+        if SPLIT_S:
+            acc = tl.zeros((BLOCK_K, 2 * BLOCK_R), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+        for m in range(m0, m_end, BLOCK_M):
+            rows = m + tl.arange(0, BLOCK_M)
+            mask_m = rows < m_end
+            idx = rows[:, None].to(tl.int64) * K + offs_k[None, :]
+            ok = mask_m[:, None] & mask_k[None, :]
+            dh = tl.load(DH + idx, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(G + idx, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(U + idx, mask=ok, other=0.0).to(tl.float32)
+            a, da = act_and_grad(g, ACT)
+            tl.store(DU + idx, (dh * a).to(DU.dtype.element_ty), mask=ok)
+            tl.store(DG + idx, (dh * u * da).to(DG.dtype.element_ty), mask=ok)
+            h = (a * u).to(G.dtype.element_ty)  # 0 outside the tile's rows and columns (g = u = 0 there)
+            ua = tl.load(UA + rows[:, None].to(tl.int64) * stride_am + rr[None, :] * stride_ar,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            if SPLIT_S:  # fp32 UA as hi + lo columns: tensor-core products, as skinny_mm's
+                acc = tl.dot(tl.trans(h), hi_lo_columns(ua, h.dtype, BLOCK_M, BLOCK_R), acc)
+            else:  # fp32 g: exact fp32 products
+                acc = tl.dot(tl.trans(h), ua, acc, input_precision="ieee")
+        if SPLIT_S:
+            acc = pair_sum(acc, BLOCK_K, BLOCK_R)
+        tl.store(DA + pid_p * stride_dp + offs_k[:, None].to(tl.int64) * stride_dk + rr[None, :] * stride_dr, acc,
+                 mask=mask_k[:, None] & mask_r[None, :])
 
     _INTERPRETED = interpreted(_swiglu_kernel)
 
@@ -117,6 +164,51 @@ def swiglu_grads(dh: Tensor, g: Tensor, u: Tensor, dg: Tensor, du: Tensor,
     return dg, du
 
 
+# swiglu_grads_and_da's launch configuration (fp32 accumulator BLOCK_K x 2 BLOCK_R; BLOCK_R = 16 for r <= 16): the
+# fastest of 8 on the H100 (2026-11-27, 8192 x 8192, r 16): 251 us (2.55 TB/s over dh, g, u, dg, du), against 413 us
+# for h recomputed into memory + dA by skinny_mm + the dg/du pass.
+DA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
+DA_MAX_R = 64
+
+
+def da_supported(g: Tensor, lora_a: Tensor) -> bool:
+    """Whether swiglu_grads_and_da takes g and the adapter lora_a [R, K]: the Triton path for g (bf16 on CUDA;
+    fp16/fp32 in the interpreter), an fp32 adapter of rank <= DA_MAX_R on g's device (then u_a = s dY B is fp32
+    [M, R] there too)."""
+    return (g.dim() >= 1 and g.numel() > 0 and _use_triton(g) and lora_a.dim() == 2 and lora_a.shape[0] <= DA_MAX_R
+            and _skinny.supported(g.reshape(-1, g.shape[-1]), lora_a.t()))
+
+
+def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activation: str = "silu"):
+    """(dg written over dh, du, dA^T = h^T u_a [K, R] fp32) for h = act(g) * u, without h in memory: one pass over
+    dh, g and u. u_a = s dY B of the down projection ([M, R], fp32). The partial dA^T of each row range is summed
+    afterwards (no atomics: deterministic)."""
+    _check(g, u, activation)
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    K = g.shape[-1]
+    M = g.numel() // K
+    R = u_a.shape[1]
+    du = _new_output(g.shape, g.dtype, g.device)
+    block_r = max(16, triton.next_power_of_2(R))
+    cfg = dict(BLOCK_M=16, BLOCK_K=16) if _INTERPRETED else dict(DA_CONFIG)
+    block_m, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_K")
+    k_blocks = triton.cdiv(K, block_k)
+    splits = _skinny._splits(k_blocks, M, block_m, g.device)
+    m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, m_per_split)
+    da = torch.empty(K, R, dtype=torch.float32, device=g.device)
+    dest = da if splits == 1 else torch.empty(splits, K, R, dtype=torch.float32, device=g.device)
+    strides = (0, *da.stride()) if splits == 1 else dest.stride()
+    meta = dict(ACT=ACTIVATIONS.index(activation), SPLIT_S=g.dtype != torch.float32, BLOCK_M=block_m,
+                BLOCK_K=block_k, BLOCK_R=block_r, **cfg)
+    launch(_swiglu_backward_da_kernel, None, lambda _: (k_blocks, splits),
+           (dh, g, u, dh, du, u_a, dest, M, K, R, m_per_split, u_a.stride(0), u_a.stride(1), *strides), {}, meta,
+           g.device)
+    if splits > 1:
+        torch.sum(dest, 0, out=da)
+    return dh, du, da
+
+
 @torch.library.custom_op("fxopt::swiglu_lora_linear", mutates_args=())
 @with_fallback
 def swiglu_lora_linear(g: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
@@ -151,16 +243,28 @@ def _setup_context(ctx, inputs, output):
 def swiglu_lora_linear_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: Tensor, weight: Tensor,
                                 lora_a: Tensor, lora_b: Tensor, scaling: float, need_dw: bool,
                                 need_db: bool, activation: str = "silu") -> list[Tensor]:
-    """[dg, du] + [dW if need_dw] + [db if need_db] + [dA, dB] of swiglu_lora_linear. h is recomputed here.
-    dh and h are this op's own temporaries, read by nothing after swiglu_grads: dg is written over dh and du
-    over h, so the MLP's backward holds two [tokens x intermediate] buffers fewer."""
+    """[dg, du] + [dW if need_dw] + [db if need_db] + [dA, dB] of swiglu_lora_linear. dh is this op's own
+    temporary, read by nothing after the last kernel: dg is written over it."""
     _check(g, u, activation)
-    h = swiglu(g, u, activation)  # recomputed: the reason the forward op exists
+    if not need_dw and da_supported(g, lora_a):
+        return _fused_da_backward(grad_out, g, u, t, weight, lora_a, lora_b, scaling, need_db, activation)
+    h = swiglu(g, u, activation)  # recomputed into memory (dW needs it, or the fused kernel does not apply)
     flat = _lora.lora_linear_backward([grad_out], h, None, t, [weight], [lora_a], [lora_b], [scaling], True,
                                       [need_dw], [need_db])
     dh = flat[0].view(g.shape)
     dg, du = swiglu_grads(dh, g, u, dh, h, activation)
     return [dg, du] + flat[1:]
+
+
+def _fused_da_backward(grad_out, g, u, t, weight, lora_a, lora_b, scaling, need_db, activation):
+    """[dg, du] + [db?] + [dA, dB] with h only in registers: dh and dB by the LoRA backward (its x read only for
+    dh's shape), then dA formed in the pass that writes dg and du. `weight`: the dense down projection (for the
+    4-bit op, its dequantized transient)."""
+    stand_in = torch.empty((), dtype=g.dtype, device=g.device).expand(g.shape)
+    result, u_a, d_bs = _lora.backward_parts([grad_out], stand_in, None, t, [weight], [lora_a], [lora_b], [scaling],
+                                             True, [False], [need_db])
+    dg, du, da_t = swiglu_grads_and_da(result[0].view(g.shape), g, u, u_a, activation)
+    return [dg, du] + result[1:] + [da_t.t().contiguous().to(lora_a.dtype), d_bs[0].to(lora_b.dtype)]
 
 
 @swiglu_lora_linear_backward.register_fake
@@ -248,8 +352,14 @@ def swiglu_lora_linear_4bit_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: 
                                      offset: Optional[Tensor], code: Optional[Tensor], lora_a: Tensor,
                                      lora_b: Tensor, scaling: float, n: int, k: int, blocksize: int, quant_type: str,
                                      need_db: bool, activation: str = "silu") -> list[Tensor]:
-    """[dg, du] + [db if need_db] + [dA, dB]; h recomputed, dg written over dh and du over h (as above)."""
+    """[dg, du] + [db if need_db] + [dA, dB]; dA formed with dg and du where the 4-bit backward takes the dense
+    path (the weight dequantized to a transient), else h recomputed, dg written over dh and du over h (as above)."""
     _check(g, u, activation)
+    q = _nf4._quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    if (grad_out.dtype == g.dtype and da_supported(g, lora_a)
+            and _nf4._as_dense_lora(grad_out.reshape(-1, grad_out.shape[-1]), q, None)):
+        return _fused_da_backward(grad_out, g, u, t, _nf4._dequantize_triton(q, g.dtype), lora_a, lora_b, scaling,
+                                  need_db, activation)
     h = swiglu(g, u, activation)
     flat = _nf4.lora_linear_4bit_backward(grad_out, h, t, qweight, absmax, absmax2, code2, offset, code, lora_a,
                                           lora_b, scaling, n, k, blocksize, quant_type, h.dtype, False, True, need_db)

@@ -125,8 +125,8 @@ def test_h_is_not_saved():
 
 
 def test_backward_reuses_its_temporaries(monkeypatch):
-    """The backward allocates two [M, K] buffers (h recomputed, dh) and returns dg and du in them, instead of
-    allocating dg and du besides (on the Triton and the torch-math paths alike)."""
+    """The backward allocates two [M, K] buffers (dh and du; or dh and h where h is recomputed into memory) and
+    returns dg and du in them, instead of allocating dg and du besides (on the Triton and torch-math paths)."""
     from fxopt.kernels import lora as lk
 
     sizes = []
@@ -146,17 +146,49 @@ def test_backward_reuses_its_temporaries(monkeypatch):
     assert sizes.count((24, 40)) == 2, sizes
 
 
-def test_wrong_backward_is_caught(monkeypatch):
-    """The gradient checks can fail: a backward that drops silu's derivative term is caught."""
-    real = sk.swiglu_grads
+@pytest.mark.parametrize("path", ["fused dA", "h recomputed"])
+def test_wrong_backward_is_caught(path, monkeypatch):
+    """The gradient checks can fail: a backward that drops silu's derivative term is caught, on the default path
+    (dA formed with dg and du, h never in memory) and on the one where the base weight trains (h recomputed)."""
+    if path == "fused dA":
+        real = sk.swiglu_grads_and_da
 
-    def wrong(dh, g, u, dg, du, activation="silu"):
-        dg, du = real(dh, g, u, dg, du, activation)
-        return du * u / g.clamp_min(1e-3), du
+        def wrong(dh, g, u, u_a, activation="silu"):
+            dg, du, da = real(dh, g, u, u_a, activation)
+            return du * u / g.clamp_min(1e-3), du, da
 
-    monkeypatch.setattr(sk, "swiglu_grads", wrong)
+        monkeypatch.setattr(sk, "swiglu_grads_and_da", wrong)
+    else:
+        real = sk.swiglu_grads
+
+        def wrong(dh, g, u, dg, du, activation="silu"):
+            dg, du = real(dh, g, u, dg, du, activation)
+            return du * u / g.clamp_min(1e-3), du
+
+        monkeypatch.setattr(sk, "swiglu_grads", wrong)
     with pytest.raises(AssertionError, match="gradient"):
+        run_case(9, 17, 5, 4, torch.float32, train_base=path == "h recomputed")
+
+
+def test_wrong_fused_da_is_caught(monkeypatch):
+    """dA of the fused path is checked: 1% off is caught."""
+    real = sk.swiglu_grads_and_da
+    monkeypatch.setattr(sk, "swiglu_grads_and_da", lambda *a, **k: (lambda r: (r[0], r[1], r[2] * 1.01))(real(*a, **k)))
+    with pytest.raises(AssertionError, match="gradient 2"):
         run_case(9, 17, 5, 4, torch.float32)
+
+
+def test_fused_da_path_is_taken(monkeypatch):
+    """With fp32 adapters and a frozen base the backward forms dA in the dg/du pass and never recomputes h."""
+    calls = []
+    real_da, real_h = sk.swiglu_grads_and_da, sk.swiglu
+    monkeypatch.setattr(sk, "swiglu_grads_and_da", lambda *a, **k: calls.append("da") or real_da(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    gate, up, w, b, a, bm, leaves = make(24, 40, 16, 4, torch.float16, torch.float32, False, "contiguous", False, g)
+    out = swiglu_lora_linear_fn(gate, up, w, b, a, bm, 0.5)
+    monkeypatch.setattr(sk, "swiglu", lambda *a, **k: calls.append("h") or real_h(*a, **k))
+    torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g).to(DEVICE, torch.float16))
+    assert calls == (["da"] if sk.da_supported(gate, a) else ["h"]), calls
 
 
 def test_bad_arguments():
@@ -180,9 +212,10 @@ def test_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 1000, 8192])
-def test_bf16_gpu(M):
+@pytest.mark.parametrize("train_base", [False, True])  # the fused dA path, and h recomputed for dW
+def test_bf16_gpu(M, train_base):
     run_case(M, 8192 if M == 8192 else 300, 2048 if M == 8192 else 77, 16, torch.bfloat16, torch.float32,
-             device="cuda")
+             device="cuda", train_base=train_base)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,6 +286,22 @@ def test_4bit_op_matches_reference(M, N, k_blocks, blocksize, R, dtype, fp32_ada
         pytest.skip("bitsandbytes is not installed")
     run_case_4bit(M, blocksize * k_blocks, N, R, dtype, torch.float32 if fp32_adapter else dtype, bias, layout,
                   quant_type, double, blocksize, path, seed, activation)
+
+
+def test_4bit_fused_da_path(monkeypatch):
+    """The 4-bit op's backward forms dA in the dg/du pass where it takes the dense path (training-sized inputs),
+    and still equals the reference; the GEMV path (few rows) recomputes h."""
+    if bnb_weight is None:
+        pytest.skip("bitsandbytes is not installed")
+    calls = []
+    real = sk._fused_da_backward
+    monkeypatch.setattr(sk, "_fused_da_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for path, fused in (("dequant", True), ("gemv", False)):
+        calls.clear()
+        run_case_4bit(20, 64, 24, 16, torch.float16, torch.float32, True, "contiguous", "nf4", True, 64, path, 0,
+                      "silu")
+        assert len(calls) == (1 if fused and sk.da_supported(torch.empty(1, 64, dtype=torch.float16, device=DEVICE),
+                                                             torch.empty(16, 64, device=DEVICE)) else 0), path
 
 
 @pytest.mark.gpu
