@@ -53,15 +53,21 @@ if triton is not None:
         tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _gate_grads(DH, G, U, DG, DU, idx, ok, ACT: tl.constexpr):
+        """Stores du = dh * act(g) and dg = dh * u * act'(g) at idx (dg may overwrite dh: read first); returns
+        act(g) and u in fp32 (0 where not ok)."""
+        dh = tl.load(DH + idx, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + idx, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + idx, mask=ok, other=0.0).to(tl.float32)
+        a, da = act_and_grad(g, ACT)
+        tl.store(DU + idx, (dh * a).to(DU.dtype.element_ty), mask=ok)
+        tl.store(DG + idx, (dh * u * da).to(DG.dtype.element_ty), mask=ok)
+        return a, u
+
+    @triton.jit
     def _swiglu_backward_kernel(DH, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        dh = tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
-        a, da = act_and_grad(g, ACT)
-        tl.store(DU + offs, (dh * a).to(DU.dtype.element_ty), mask=ok)
-        tl.store(DG + offs, (dh * u * da).to(DG.dtype.element_ty), mask=ok)
+        _gate_grads(DH, G, U, DG, DU, offs, offs < n, ACT)
 
     @triton.jit
     def _swiglu_backward_da_kernel(DH, G, U, DG, DU, UA, DA, M, K, R, M_PER_SPLIT,
@@ -87,13 +93,7 @@ if triton is not None:
             rows = m + tl.arange(0, BLOCK_M)
             mask_m = rows < m_end
             idx = rows[:, None].to(tl.int64) * K + offs_k[None, :]
-            ok = mask_m[:, None] & mask_k[None, :]
-            dh = tl.load(DH + idx, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(G + idx, mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(U + idx, mask=ok, other=0.0).to(tl.float32)
-            a, da = act_and_grad(g, ACT)
-            tl.store(DU + idx, (dh * a).to(DU.dtype.element_ty), mask=ok)
-            tl.store(DG + idx, (dh * u * da).to(DG.dtype.element_ty), mask=ok)
+            a, u = _gate_grads(DH, G, U, DG, DU, idx, mask_m[:, None] & mask_k[None, :], ACT)
             h = (a * u).to(G.dtype.element_ty)  # 0 outside the tile's rows and columns (g = u = 0 there)
             ua = tl.load(UA + rows[:, None].to(tl.int64) * stride_am + rr[None, :] * stride_ar,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
