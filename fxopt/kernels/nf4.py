@@ -785,6 +785,16 @@ def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Option
     return out.view(*x.shape[:-1], n), t
 
 
+def dense_backward_weight(grad: Tensor, x_dtype: torch.dtype, qweight, absmax, absmax2, code2, offset, code, n: int,
+                          k: int, blocksize: int, quant_type: str) -> Optional[Tensor]:
+    """The 4-bit weight dequantized to x_dtype (a transient) where a backward of `grad` runs as the dense LoRA
+    op's (a gradient in the base's dtype, training-sized: _as_dense_lora), else None (the 4-bit kernels)."""
+    q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
+    if grad.dtype == x_dtype and _as_dense_lora(_flat(grad), q, None):
+        return _dequantize_triton(q, x_dtype)
+    return None
+
+
 def _as_dense_lora(x2: Tensor, q: _Quant, out_dtype: Optional[torch.dtype]) -> bool:
     """Training-sized half precision input, the sum in that dtype (QLoRA on a bf16 residual stream): the weight
     dequantized to a transient, then the dense LoRA op's products (kernels.lora): the adapter's fp32 products
@@ -817,13 +827,14 @@ def lora_linear_4bit_backward(grad: Tensor, x_l: Tensor, t: Tensor, qweight: Ten
     dropout); with dropout dx is the 4-bit path only and dx_lora = s * (dY B) A."""
     q = _quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
     adt = lora_a.dtype
-    if grad.dtype == x_dtype and _as_dense_lora(_flat(grad), q, None):
+    weight = dense_backward_weight(grad, x_dtype, qweight, absmax, absmax2, code2, offset, code, n, k, blocksize,
+                                   quant_type)
+    if weight is not None:
         # the dense LoRA op's backward on the weight dequantized again. It reads its base input x only for dx's
         # shape and dtype (no dW here): with dropout, where x itself is not saved, a zero-stride stand-in
         x = torch.empty((), dtype=x_dtype, device=x_l.device).expand(x_l.shape) if dropout else x_l
-        return lora_kernels.lora_linear_backward([grad], x, x_l if dropout else None, t,
-                                                 [_dequantize_triton(q, x_dtype)], [lora_a], [lora_b], [scaling],
-                                                 need_dx, [False], [need_db])
+        return lora_kernels.lora_linear_backward([grad], x, x_l if dropout else None, t, [weight], [lora_a],
+                                                 [lora_b], [scaling], need_dx, [False], [need_db])
     dy = _flat(grad).to(x_dtype)  # the base path's gradient runs in the base's dtype
     dy_a = _flat(grad).to(adt)  # the adapter's gradients from the output's gradient, in the adapter's dtype
     u = dy_a @ lora_b.to(adt)  # [M, r]

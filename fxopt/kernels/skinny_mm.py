@@ -158,6 +158,29 @@ def _splits(m_blocks: int, k: int, block_k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, m_blocks), triton.cdiv(k, 8 * block_k)))
 
 
+def split_range(blocks: int, length: int, block: int, device: torch.device) -> tuple[int, int]:
+    """(programs along a summed dimension of `length`, the length each covers, a multiple of `block`), for a grid
+    of `blocks` programs along the other dimension (_splits' count, then rounded so that no program is empty)."""
+    per = triton.cdiv(triton.cdiv(length, _splits(blocks, length, block, device)), block) * block
+    return triton.cdiv(length, per), per
+
+
+def partial_buffer(out: Tensor, parts: int) -> tuple[Tensor, tuple]:
+    """(where `parts` programs write their partial sums of `out`, its strides with the part's first): `out`
+    itself for one part (any strides, part stride 0), else a [parts, *out.shape] buffer for add_partials."""
+    if parts == 1:
+        return out, (0, *out.stride())
+    dest = torch.empty(parts, *out.shape, dtype=out.dtype, device=out.device)
+    return dest, dest.stride()
+
+
+def add_partials(dest: Tensor, out: Tensor) -> Tensor:
+    """out = the sum of partial_buffer's parts (a second launch; no atomics, so the result is deterministic)."""
+    if dest is not out:
+        torch.sum(dest, 0, out=out)
+    return out
+
+
 def skinny_mm(x: Tensor, s: Tensor, scale: float = 1.0, out: Tensor | None = None) -> Tensor:
     """scale * x @ s as fp32 [M, R] (into `out` if given: any strides, e.g. the transpose of a [R, M] buffer)."""
     M, K = x.shape
@@ -172,20 +195,15 @@ def skinny_mm(x: Tensor, s: Tensor, scale: float = 1.0, out: Tensor | None = Non
     cfg = config(block_r)
     block_m, block_k = (16, 16) if _INTERPRETED else (cfg["BLOCK_M"], cfg["BLOCK_K"])
     m_blocks = triton.cdiv(M, block_m)
-    splits = _splits(m_blocks, K, block_k, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, k_per_split)
-    dest = out if splits == 1 else torch.empty(splits, M, R, dtype=torch.float32, device=x.device)
-    stride_p, stride_m, stride_r = (0, *out.stride()) if splits == 1 else dest.stride()
+    splits, k_per_split = split_range(m_blocks, K, block_k, x.device)
+    dest, strides = partial_buffer(out, splits)
     meta = dict(SPLIT_S=x.dtype != torch.float32, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     if not _INTERPRETED:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_skinny_mm_kernel, None, lambda _: (m_blocks, splits),
            (x, s, dest, M, K, R, k_per_split, x.stride(0), x.stride(1), s.stride(0), s.stride(1),
-            stride_p, stride_m, stride_r, float(scale)), {}, meta, x.device)
-    if splits > 1:
-        torch.sum(dest, 0, out=out)
-    return out
+            *strides, float(scale)), {}, meta, x.device)
+    return add_partials(dest, out)
 
 
 # dy_products' launch configuration by R's padded width: the fp32 accumulator u is BLOCK_M x 2 BLOCK_R (hi and lo
@@ -212,25 +230,17 @@ def dy_products(dy: Tensor, b: Tensor, t: Tensor, scale: float = 1.0, u_out: Ten
     cfg = DY_CONFIGS[min(w for w in DY_CONFIGS if w >= block_r)]
     block_m, block_n = (16, 16) if _INTERPRETED else (cfg["BLOCK_M"], cfg["BLOCK_N"])
     m_blocks = triton.cdiv(M, block_m)
-    splits = _splits(m_blocks, N, block_n, dy.device)
-    n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    splits = triton.cdiv(N, n_per_split)
-    u_dest = u if splits == 1 else torch.empty(splits, M, R, dtype=torch.float32, device=dy.device)
+    splits, n_per_split = split_range(m_blocks, N, block_n, dy.device)
     db = torch.empty(N, R, dtype=torch.float32, device=dy.device)
-    db_dest = db if m_blocks == 1 else torch.empty(m_blocks, N, R, dtype=torch.float32, device=dy.device)
-    su = (0, *u.stride()) if splits == 1 else u_dest.stride()
-    sd = (0, *db.stride()) if m_blocks == 1 else db_dest.stride()
+    u_dest, su = partial_buffer(u, splits)  # u summed over the column ranges
+    db_dest, sd = partial_buffer(db, m_blocks)  # dB summed over the row blocks
     meta = dict(SPLIT_S=dy.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
     if not _INTERPRETED:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_dy_products_kernel, None, lambda _: (m_blocks, splits),
            (dy, b, t, u_dest, db_dest, M, N, R, n_per_split, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
             t.stride(0), t.stride(1), *su, *sd, float(scale)), {}, meta, dy.device)
-    if splits > 1:
-        torch.sum(u_dest, 0, out=u)
-    if m_blocks > 1:
-        torch.sum(db_dest, 0, out=db)
-    return u, db
+    return add_partials(u_dest, u), add_partials(db_dest, db)
 
 
 def dy_supported(dy: Tensor, b: Tensor, t: Tensor) -> bool:

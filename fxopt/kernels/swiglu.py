@@ -193,20 +193,15 @@ def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activatio
     cfg = dict(BLOCK_M=16, BLOCK_K=16) if _INTERPRETED else dict(DA_CONFIG)
     block_m, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_K")
     k_blocks = triton.cdiv(K, block_k)
-    splits = _skinny._splits(k_blocks, M, block_m, g.device)
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, m_per_split)
+    splits, m_per_split = _skinny.split_range(k_blocks, M, block_m, g.device)
     da = torch.empty(K, R, dtype=torch.float32, device=g.device)
-    dest = da if splits == 1 else torch.empty(splits, K, R, dtype=torch.float32, device=g.device)
-    strides = (0, *da.stride()) if splits == 1 else dest.stride()
+    dest, strides = _skinny.partial_buffer(da, splits)
     meta = dict(ACT=ACTIVATIONS.index(activation), SPLIT_S=g.dtype != torch.float32, BLOCK_M=block_m,
                 BLOCK_K=block_k, BLOCK_R=block_r, **cfg)
     launch(_swiglu_backward_da_kernel, None, lambda _: (k_blocks, splits),
            (dh, g, u, dh, du, u_a, dest, M, K, R, m_per_split, u_a.stride(0), u_a.stride(1), *strides), {}, meta,
            g.device)
-    if splits > 1:
-        torch.sum(dest, 0, out=da)
-    return dh, du, da
+    return dh, du, _skinny.add_partials(dest, da)
 
 
 @torch.library.custom_op("fxopt::swiglu_lora_linear", mutates_args=())
@@ -355,11 +350,11 @@ def swiglu_lora_linear_4bit_backward(grad_out: Tensor, g: Tensor, u: Tensor, t: 
     """[dg, du] + [db if need_db] + [dA, dB]; dA formed with dg and du where the 4-bit backward takes the dense
     path (the weight dequantized to a transient), else h recomputed, dg written over dh and du over h (as above)."""
     _check(g, u, activation)
-    q = _nf4._quant(qweight, absmax, absmax2, code2, offset, code, n, k, blocksize, quant_type)
-    if (grad_out.dtype == g.dtype and da_supported(g, lora_a)
-            and _nf4._as_dense_lora(grad_out.reshape(-1, grad_out.shape[-1]), q, None)):
-        return _fused_da_backward(grad_out, g, u, t, _nf4._dequantize_triton(q, g.dtype), lora_a, lora_b, scaling,
-                                  need_db, activation)
+    if da_supported(g, lora_a):
+        weight = _nf4.dense_backward_weight(grad_out, g.dtype, qweight, absmax, absmax2, code2, offset, code, n, k,
+                                            blocksize, quant_type)
+        if weight is not None:
+            return _fused_da_backward(grad_out, g, u, t, weight, lora_a, lora_b, scaling, need_db, activation)
     h = swiglu(g, u, activation)
     flat = _nf4.lora_linear_4bit_backward(grad_out, h, t, qweight, absmax, absmax2, code2, offset, code, lora_a,
                                           lora_b, scaling, n, k, blocksize, quant_type, h.dtype, False, True, need_db)
