@@ -3,7 +3,7 @@
 Inductor and AOTAutograd cache compiled graphs on disk, keyed by the captured graph and Inductor's config.
 A fused op's autograd formula is Python in fxopt/kernels, not in the graph: after an fxopt upgrade that
 changed one, a cached backward still called the old ops (seen: a removed op, "'fxopt' object has no attribute
-'swiglu_backward'"). This joint-graph pass changes nothing; its uuid, a hash of fxopt's sources, is part of
+'swiglu_backward'"). The joint-graph post-pass's uuid, a hash of fxopt's sources, is part of
 the cache key, so a changed fxopt compiles anew.
 """
 from __future__ import annotations
@@ -27,10 +27,13 @@ def source_hash() -> str:
 
 
 class FxoptVersion(CustomGraphPass):
-    """Inductor's config.joint_custom_post_pass: no change to the graph, fxopt's source hash in the key."""
+    """Inductor's config.joint_custom_post_pass: fxopt's source hash in the key; the pass itself folds the
+    gradient adds of norm inputs into the norm backward (passes/norm_grad_add.py)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        pass
+        from fxopt.passes.norm_grad_add import fold_norm_grad_adds
+
+        fold_norm_grad_adds(graph)
 
     def uuid(self):
         return f"fxopt-{source_hash()}"
