@@ -7,8 +7,8 @@ transposed). fxopt runs them as bf16 tensor-core products with an fp32 result, s
 bf16 hi + lo (hi + lo carries ~16 of its 24 mantissa bits, ~2^-17 relative; the activation is exact in bf16).
 Done with torch ops that split is 5-6 launches per product (cast, subtract, cast, concatenate, GEMM, add of
 the halves): ~190 small launches per decoder block on the dense workload, ~6 ms of a 118 ms step. Here the
-split happens on the tile in registers, and the kernel reads X once: one launch per product (two when the K
-loop is split across programs, see _splits). X in fp32 (interpreter tests) takes exact fp32 products.
+split happens on the tile in registers, and the kernel reads X once: one launch per product (plus a zeroing
+memset where the K loop is split across programs, see _splits and partial_buffer). X in fp32 (interpreter tests) takes exact fp32 products.
 
 The backward's two products of one output gradient, u = s dY B [M, R] and dB = s dY^T t [N, R], come from one
 kernel reading dY once (dy_products): it is the largest activation they read (8192 x 16384 for the dense
@@ -25,6 +25,7 @@ try:
 except ImportError:  # no Triton: callers take their torch math
     triton = None
 
+from fxopt.kernels import common
 from fxopt.kernels.common import FAILED, hi_lo_columns, interpreted, launch, pair_sum, sm_count
 
 MAX_R = 256  # widest S the kernel takes (its fp32 accumulator is BLOCK_M x BLOCK_R)
@@ -48,11 +49,21 @@ _INTERPRETED = False
 if triton is not None:
 
     @triton.jit
+    def store_part(ptrs, x, mask, ATOMIC: tl.constexpr):
+        """A program's partial sum: stored into its own part of partial_buffer's buffer, or (ATOMIC) added to the
+        zeroed output by atomics."""
+        if ATOMIC:
+            tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+        else:
+            tl.store(ptrs, x, mask=mask)
+
+    @triton.jit
     def _skinny_mm_kernel(
         X, S, OUT, M, K, R, K_PER_SPLIT,
         stride_xm, stride_xk, stride_sk, stride_sr, stride_op, stride_om, stride_or,
         scale,
-        SPLIT_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        SPLIT_S: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         """OUT[p, M, R] = scale * X[M, Kp] @ S[Kp, R] over program p's range Kp of K (grid: M blocks x splits)."""
         pid_m = tl.program_id(0)
@@ -81,7 +92,7 @@ if triton is not None:
             else:  # fp32 X: exact fp32 products
                 acc = tl.dot(x, s, acc, input_precision="ieee")
         out = OUT + pid_p * stride_op + offs_m[:, None].to(tl.int64) * stride_om + rr[None, :] * stride_or
-        tl.store(out, acc * scale, mask=mask_m[:, None] & mask_r[None, :])
+        store_part(out, acc * scale, mask_m[:, None] & mask_r[None, :], ATOMIC)
 
     @triton.jit
     def _dy_products_kernel(
@@ -89,7 +100,8 @@ if triton is not None:
         stride_ym, stride_yn, stride_bn, stride_br, stride_tm, stride_tr,
         stride_up, stride_um, stride_ur, stride_dp, stride_dn, stride_dr,
         scale,
-        SPLIT_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        SPLIT_S: tl.constexpr, U_ATOMIC: tl.constexpr, DB_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """For BLOCK_M rows of dY and program p's range of its columns: U[p, rows] = scale * dY @ B over that
         range, and DB[m-block, columns] = scale * dY^T @ T over those rows, each dY tile loaded once."""
@@ -123,12 +135,12 @@ if triton is not None:
             else:  # fp32 dY: exact fp32 products
                 u = tl.dot(dy, b, u, input_precision="ieee")
                 db = tl.dot(tl.trans(dy), t, input_precision="ieee")
-            tl.store(DB + pid_m * stride_dp + nn[:, None].to(tl.int64) * stride_dn + rr[None, :] * stride_dr,
-                     db * scale, mask=mask_n[:, None] & mask_r[None, :])
+            store_part(DB + pid_m * stride_dp + nn[:, None].to(tl.int64) * stride_dn + rr[None, :] * stride_dr,
+                       db * scale, mask_n[:, None] & mask_r[None, :], DB_ATOMIC)
         if SPLIT_S:
             u = pair_sum(u, BLOCK_M, BLOCK_R)
-        tl.store(U + pid_p * stride_up + offs_m[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
-                 u * scale, mask=mask_m[:, None] & mask_r[None, :])
+        store_part(U + pid_p * stride_up + offs_m[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                   u * scale, mask_m[:, None] & mask_r[None, :], U_ATOMIC)
 
     _INTERPRETED = interpreted(_skinny_mm_kernel)
 
@@ -148,8 +160,7 @@ def supported(x: Tensor, s: Tensor) -> bool:
 
 def _splits(m_blocks: int, k: int, block_k: int, device: torch.device) -> int:
     """Programs along K: a memory-bound product wants about two programs per SM. With few rows (dA^T's rows are
-    the 2048 input features) the K loop (over the tokens) is split and the partial sums added afterwards (a
-    second launch; no atomics, so the result is deterministic)."""
+    the 2048 input features) the K loop (over the tokens) is split and the partial sums added (partial_buffer)."""
     if device.type != "cuda":
         return 2 if k > block_k else 1  # the interpreter: exercise the split path on small shapes too
     sms = sm_count(device)
@@ -165,17 +176,22 @@ def split_range(blocks: int, length: int, block: int, device: torch.device) -> t
     return triton.cdiv(length, per), per
 
 
-def partial_buffer(out: Tensor, parts: int) -> tuple[Tensor, tuple]:
-    """(where `parts` programs write their partial sums of `out`, its strides with the part's first): `out`
-    itself for one part (any strides, part stride 0), else a [parts, *out.shape] buffer for add_partials."""
+def partial_buffer(out: Tensor, parts: int) -> tuple[Tensor, tuple, bool]:
+    """(where `parts` programs write their partial sums of `out`, its strides with the part's first, whether
+    they add them by atomics): `out` itself for one part (any strides, part stride 0); for several, `out`
+    zeroed for atomic adds, or under OptimizeConfig.deterministic (common.DETERMINISTIC: atomics add in no
+    fixed order) a [parts, *out.shape] buffer that add_partials sums in a second launch. The atomics save that
+    launch and its read of the buffer (~5 us each, 272 per step of the dense workload on the H100)."""
     if parts == 1:
-        return out, (0, *out.stride())
+        return out, (0, *out.stride()), False
+    if not common.DETERMINISTIC:
+        return out.zero_(), (0, *out.stride()), True
     dest = torch.empty(parts, *out.shape, dtype=out.dtype, device=out.device)
-    return dest, dest.stride()
+    return dest, dest.stride(), False
 
 
 def add_partials(dest: Tensor, out: Tensor) -> Tensor:
-    """out = the sum of partial_buffer's parts (a second launch; no atomics, so the result is deterministic)."""
+    """out = the sum of partial_buffer's parts (nothing to do where they were added by atomics)."""
     if dest is not out:
         torch.sum(dest, 0, out=out)
     return out
@@ -196,8 +212,9 @@ def skinny_mm(x: Tensor, s: Tensor, scale: float = 1.0, out: Tensor | None = Non
     block_m, block_k = (16, 16) if _INTERPRETED else (cfg["BLOCK_M"], cfg["BLOCK_K"])
     m_blocks = triton.cdiv(M, block_m)
     splits, k_per_split = split_range(m_blocks, K, block_k, x.device)
-    dest, strides = partial_buffer(out, splits)
-    meta = dict(SPLIT_S=x.dtype != torch.float32, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+    dest, strides, atomic = partial_buffer(out, splits)
+    meta = dict(SPLIT_S=x.dtype != torch.float32, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_K=block_k,
+                BLOCK_R=block_r)
     if not _INTERPRETED:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_skinny_mm_kernel, None, lambda _: (m_blocks, splits),
@@ -220,7 +237,7 @@ DY_MAX_R = max(DY_CONFIGS)
 def dy_products(dy: Tensor, b: Tensor, t: Tensor, scale: float = 1.0, u_out: Tensor | None = None):
     """(u, db) = (scale * dy @ b [M, R], scale * dy^T @ t [N, R]), fp32, dY [M, N] read once (R <= DY_MAX_R);
     u into `u_out` if given (any strides). The partial sums (of u over column ranges, of db over row blocks)
-    are added afterwards: no atomics, deterministic."""
+    are added as partial_buffer says (atomics, or a second launch under deterministic)."""
     M, N = dy.shape
     R = b.shape[1]
     u = u_out if u_out is not None else torch.empty(M, R, dtype=torch.float32, device=dy.device)
@@ -232,9 +249,10 @@ def dy_products(dy: Tensor, b: Tensor, t: Tensor, scale: float = 1.0, u_out: Ten
     m_blocks = triton.cdiv(M, block_m)
     splits, n_per_split = split_range(m_blocks, N, block_n, dy.device)
     db = torch.empty(N, R, dtype=torch.float32, device=dy.device)
-    u_dest, su = partial_buffer(u, splits)  # u summed over the column ranges
-    db_dest, sd = partial_buffer(db, m_blocks)  # dB summed over the row blocks
-    meta = dict(SPLIT_S=dy.dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+    u_dest, su, u_atomic = partial_buffer(u, splits)  # u summed over the column ranges
+    db_dest, sd, db_atomic = partial_buffer(db, m_blocks)  # dB summed over the row blocks
+    meta = dict(SPLIT_S=dy.dtype != torch.float32, U_ATOMIC=u_atomic, DB_ATOMIC=db_atomic, BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_R=block_r)
     if not _INTERPRETED:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_dy_products_kernel, None, lambda _: (m_blocks, splits),

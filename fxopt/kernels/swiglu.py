@@ -42,6 +42,7 @@ _INTERPRETED = False
 BLOCK = 1024
 
 if triton is not None:
+    store_part = _skinny.store_part
 
     @triton.jit
     def _swiglu_kernel(G, U, H, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
@@ -72,8 +73,8 @@ if triton is not None:
     @triton.jit
     def _swiglu_backward_da_kernel(DH, G, U, DG, DU, UA, DA, M, K, R, M_PER_SPLIT,
                                    stride_am, stride_ar, stride_dp, stride_dk, stride_dr,
-                                   ACT: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                                   ACT: tl.constexpr, SPLIT_S: tl.constexpr, ATOMIC: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """For BLOCK_K columns of the [M, K] tensors (contiguous) and program p's range of rows: DG = dh * u *
         act'(g) (over DH), DU = dh * act(g), and DA[p, columns] = h^T @ UA over those rows, h = act(g) * u
         rounded to g's dtype as the forward formed it."""
@@ -103,8 +104,8 @@ if triton is not None:
                 acc = tl.dot(tl.trans(h), ua, acc, input_precision="ieee")
         if SPLIT_S:
             acc = pair_sum(acc, BLOCK_K, BLOCK_R)
-        tl.store(DA + pid_p * stride_dp + offs_k[:, None].to(tl.int64) * stride_dk + rr[None, :] * stride_dr, acc,
-                 mask=mask_k[:, None] & mask_r[None, :])
+        da_ptrs = DA + pid_p * stride_dp + offs_k[:, None].to(tl.int64) * stride_dk + rr[None, :] * stride_dr
+        store_part(da_ptrs, acc, mask_k[:, None] & mask_r[None, :], ATOMIC)
 
     _INTERPRETED = interpreted(_swiglu_kernel)
 
@@ -181,8 +182,8 @@ def da_supported(g: Tensor, lora_a: Tensor) -> bool:
 
 def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activation: str = "silu"):
     """(dg written over dh, du, dA^T = h^T u_a [K, R] fp32) for h = act(g) * u, without h in memory: one pass over
-    dh, g and u. u_a = s dY B of the down projection ([M, R], fp32). The partial dA^T of each row range is summed
-    afterwards (no atomics: deterministic)."""
+    dh, g and u. u_a = s dY B of the down projection ([M, R], fp32). The partial dA^T of each row range are added by
+    atomics, or summed afterwards (see skinny_mm.partial_buffer)."""
     _check(g, u, activation)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
     K = g.shape[-1]
@@ -195,8 +196,9 @@ def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activatio
     k_blocks = triton.cdiv(K, block_k)
     splits, m_per_split = _skinny.split_range(k_blocks, M, block_m, g.device)
     da = torch.empty(K, R, dtype=torch.float32, device=g.device)
-    dest, strides = _skinny.partial_buffer(da, splits)
-    meta = dict(ACT=ACTIVATIONS.index(activation), SPLIT_S=g.dtype != torch.float32, BLOCK_M=block_m,
+    dest, strides, atomic = _skinny.partial_buffer(da, splits)
+    meta = dict(ACT=ACTIVATIONS.index(activation), SPLIT_S=g.dtype != torch.float32, ATOMIC=atomic,
+                BLOCK_M=block_m,
                 BLOCK_K=block_k, BLOCK_R=block_r, **cfg)
     launch(_swiglu_backward_da_kernel, None, lambda _: (k_blocks, splits),
            (dh, g, u, dh, du, u_a, dest, M, K, R, m_per_split, u_a.stride(0), u_a.stride(1), *strides), {}, meta,

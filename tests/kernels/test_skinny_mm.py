@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from fxopt.kernels import common
 from fxopt.kernels import skinny_mm as sk
 from tests.kernels.numerics import TOL, rel
 
@@ -62,11 +63,31 @@ def test_widths(r):
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter cases")
-def test_split_k_sums_partials():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_split_k_sums_partials(deterministic, monkeypatch):
     # K = 40 > BLOCK_K: the interpreter splits the K loop over two programs (see _splits); a partial that is
-    # dropped or counted twice is far outside the tolerance
+    # dropped or counted twice is far outside the tolerance. Added by atomics, or (deterministic) summed after.
+    monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
     assert sk._splits(1, 40, 16, torch.device("cpu")) == 2
     check(5, 40, 3, torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_partial_buffer(deterministic, monkeypatch):
+    """Several parts: the output itself, zeroed, for atomics; under deterministic a buffer of one part each,
+    summed by add_partials. One part: the output, written directly."""
+    monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
+    out = torch.full((6, 3), float("nan")).t()  # any strides
+    dest, strides, atomic = sk.partial_buffer(out, 1)
+    assert dest is out and strides == (0, *out.stride()) and not atomic
+    dest, strides, atomic = sk.partial_buffer(out, 4)
+    if deterministic:
+        assert dest.shape == (4, 3, 6) and strides == dest.stride() and not atomic
+        dest.copy_(torch.arange(4.0)[:, None, None].expand(4, 3, 6))
+        assert torch.equal(sk.add_partials(dest, out), torch.full((3, 6), 6.0))
+    else:
+        assert dest is out and atomic and strides == (0, *out.stride()) and torch.equal(out, torch.zeros(3, 6))
+        assert sk.add_partials(dest, out) is out
 
 
 def test_unsupported_operands_are_refused():
@@ -118,9 +139,11 @@ def test_dy_products_match_float64(m, n, r, dtype, layout, u_layout, scale):
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter cases")
-def test_dy_products_sum_partials():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dy_products_sum_partials(deterministic, monkeypatch):
     # 40 rows of 16 (three row blocks: three dB partials) and 40 columns split over two programs (two u partials):
     # a partial dropped or counted twice is far outside the tolerance
+    monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
     assert sk._splits(3, 40, 16, torch.device("cpu")) == 2
     check_dy_products(40, 40, 5, torch.float32)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from fxopt.kernels import common
 from fxopt.kernels import swiglu as sk
 from fxopt.kernels.common import act_reference
 from fxopt.kernels.swiglu import reference, swiglu_lora_linear_fn
@@ -193,6 +194,27 @@ def test_fused_da_path_is_taken(monkeypatch):
     monkeypatch.setattr(sk, "swiglu", lambda *a, **k: calls.append("h") or real_h(*a, **k))
     torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g).to(DEVICE, HALF))
     assert calls == ["da"], calls
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_grads_and_da_against_float64(deterministic, dtype, monkeypatch):
+    """swiglu_grads_and_da alone, over enough rows that the dA^T partials of several row ranges are added (by
+    atomics, or summed after under deterministic): dg, du and dA^T = h^T u_a against float64."""
+    monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
+    g = torch.Generator().manual_seed(3)
+    M, K, R = 70, 40, 5
+    gate, up, dh = (torch.randn(M, K, generator=g).to(DEVICE, dtype) for _ in range(3))
+    u_a = torch.randn(M, R, generator=g).to(DEVICE)
+    g64, u64, dh64 = gate.double(), up.double(), dh.double()
+    silu = torch.nn.functional.silu(g64)
+    sig = torch.sigmoid(g64)
+    want_dg, want_du = dh64 * u64 * (sig * (1 + g64 * (1 - sig))), dh64 * silu
+    want_da = (silu * u64).to(dtype).double().t() @ u_a.double()  # h rounded to the dtype, as the forward's
+    dg, du, da = sk.swiglu_grads_and_da(dh.clone(), gate, up, u_a)
+    tol = TOL[dtype]
+    assert rel(dg, want_dg) < tol and rel(du, want_du) < tol
+    assert da.shape == (K, R) and rel(da, want_da) < (SPLIT_TOL if dtype != torch.float32 else TOL[torch.float32])
 
 
 def test_bad_arguments():
