@@ -118,3 +118,17 @@ def test_parallel_block_folds_both_norms():
     output's, ln1's dx and ln2's dx, added in a chain; each norm backward absorbs one add."""
     counts = _folds_in(tiny_ln_model("gpt_neox"), batch(seq=24))
     assert sum(counts) == 2, counts
+
+
+def test_a_failing_fold_is_skipped_with_a_warning(monkeypatch):
+    """A bug in the joint pass costs the fold, not the compile: training runs and equals the unoptimized model."""
+    def broken(graph):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(norm_grad_add, "fold_norm_grad_adds", broken)
+    monkeypatch.delenv("FXOPT_DEBUG_PASSES", raising=False)
+    model = tiny_lora_model("llama")
+    ref = twin(model)
+    with torch._inductor.config.patch(force_disable_caches=True), pytest.warns(UserWarning, match="norm_grad_add"):
+        fxopt.optimize(model, inner_backend="inductor")
+        assert_same_training(model, ref, batch(seq=24))
