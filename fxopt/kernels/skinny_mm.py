@@ -179,12 +179,12 @@ def split_range(blocks: int, length: int, block: int, device: torch.device) -> t
 def partial_buffer(out: Tensor, parts: int) -> tuple[Tensor, tuple, bool]:
     """(where `parts` programs write their partial sums of `out`, its strides with the part's first, whether
     they add them by atomics): `out` itself for one part (any strides, part stride 0); for several, `out`
-    zeroed for atomic adds, or under OptimizeConfig.deterministic (common.DETERMINISTIC: atomics add in no
-    fixed order) a [parts, *out.shape] buffer that add_partials sums in a second launch. The atomics save that
+    zeroed for atomic adds, or under OptimizeConfig.deterministic or torch.use_deterministic_algorithms
+    (atomics add in no fixed order) a [parts, *out.shape] buffer that add_partials sums in a second launch. The atomics save that
     launch and its read of the buffer (~5 us each, 272 per step of the dense workload on the H100)."""
     if parts == 1:
         return out, (0, *out.stride()), False
-    if not common.DETERMINISTIC:
+    if not (common.DETERMINISTIC or torch.are_deterministic_algorithms_enabled()):
         return out.zero_(), (0, *out.stride()), True
     dest = torch.empty(parts, *out.shape, dtype=out.dtype, device=out.device)
     return dest, dest.stride(), False

@@ -72,11 +72,13 @@ def test_split_k_sums_partials(deterministic, monkeypatch):
     check(5, 40, 3, torch.float32)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True, "torch"])
 def test_partial_buffer(deterministic, monkeypatch):
-    """Several parts: the output itself, zeroed, for atomics; under deterministic a buffer of one part each,
-    summed by add_partials. One part: the output, written directly."""
-    monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
+    """Several parts: the output itself, zeroed, for atomics; under deterministic (fxopt's option or torch's
+    switch) a buffer of one part each, summed by add_partials. One part: the output, written directly."""
+    monkeypatch.setattr(common, "DETERMINISTIC", deterministic is True)
+    if deterministic == "torch":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     out = torch.full((6, 3), float("nan")).t()  # any strides
     dest, strides, atomic = sk.partial_buffer(out, 1)
     assert dest is out and strides == (0, *out.stride()) and not atomic
