@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
 for stage in "$@"; do
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -s -p no:cacheprovider -p no:logging --tb=short ${TESTS:-tests} 2>&1 | grep -v "^DEBUG" | tail -150 > "$OUT/gpu-tests.txt" ;;
+    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -s -p no:cacheprovider -p no:logging --tb=short --durations=25 ${TESTS:-tests} 2>&1 | grep -v "^DEBUG" | tail -150 > "$OUT/gpu-tests.txt" ;;
     kernels) for b in ${BENCHES:-benchmarks/bench_*.py}; do python3 "$b" --out "$OUT" 2>&1 | tail -40 > "$OUT/$(basename "$b" .py).txt"; done ;;
     dense) python3 benchmarks/train_step.py --workloads dense --setups "${SETUPS:-eager,compile,liger,fxopt}" \
              --out "$OUT" --profile "$OUT/profiles" --timeout 400 2>&1 | tail -30 > "$OUT/train-dense.txt" ;;
