@@ -182,8 +182,8 @@ def da_supported(g: Tensor, lora_a: Tensor) -> bool:
 
 def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activation: str = "silu"):
     """(dg written over dh, du, dA^T = h^T u_a [K, R] fp32) for h = act(g) * u, without h in memory: one pass over
-    dh, g and u. u_a = s dY B of the down projection ([M, R], fp32). The partial dA^T of each row range are added by
-    atomics, or summed afterwards (see skinny_mm.partial_buffer)."""
+    dh, g and u. u_a = s dY B of the down projection ([M, R], fp32). The partial dA^T of each row range are added
+    by atomics, or summed afterwards (see skinny_mm.partial_buffer)."""
     _check(g, u, activation)
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
     K = g.shape[-1]
@@ -198,8 +198,7 @@ def swiglu_grads_and_da(dh: Tensor, g: Tensor, u: Tensor, u_a: Tensor, activatio
     da = torch.empty(K, R, dtype=torch.float32, device=g.device)
     dest, strides, atomic = _skinny.partial_buffer(da, splits)
     meta = dict(ACT=ACTIVATIONS.index(activation), SPLIT_S=g.dtype != torch.float32, ATOMIC=atomic,
-                BLOCK_M=block_m,
-                BLOCK_K=block_k, BLOCK_R=block_r, **cfg)
+                BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **cfg)
     launch(_swiglu_backward_da_kernel, None, lambda _: (k_blocks, splits),
            (dh, g, u, dh, du, u_a, dest, M, K, R, m_per_split, u_a.stride(0), u_a.stride(1), *strides), {}, meta,
            g.device)
