@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fxopt.cache_key import FxoptVersion
+from fxopt.cache_key import JointPostPass
 from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
 from fxopt.passes.canonicalize import canonicalize
@@ -49,7 +49,7 @@ def _inner(name: str, cudagraphs: bool = False, joint=None):
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {"joint_custom_post_pass": FxoptVersion()}  # fxopt's code in the compile-cache key
+        patches = {"joint_custom_post_pass": JointPostPass()}  # norm_grad_add; fxopt's code in the cache key
         if cudagraphs:
             patches["triton.cudagraphs"] = True
         if joint is not None:

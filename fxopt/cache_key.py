@@ -28,7 +28,7 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-class FxoptVersion(CustomGraphPass):
+class JointPostPass(CustomGraphPass):
     """Inductor's config.joint_custom_post_pass: fxopt's source hash in the key; the pass itself folds the
     gradient adds of norm inputs into the norm backward (passes/norm_grad_add.py)."""
 

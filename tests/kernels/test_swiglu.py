@@ -200,21 +200,23 @@ def test_fused_da_path_is_taken(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 def test_grads_and_da_against_float64(deterministic, dtype, monkeypatch):
     """swiglu_grads_and_da alone, over enough rows that the dA^T partials of several row ranges are added (by
-    atomics, or summed after under deterministic): dg, du and dA^T = h^T u_a against float64."""
+    atomics, or summed after under deterministic): dg, du (autograd of the float64 reference) and
+    dA^T = h^T u_a, h rounded to the dtype as the forward forms it, against float64."""
     monkeypatch.setattr(common, "DETERMINISTIC", deterministic)
     g = torch.Generator().manual_seed(3)
     M, K, R = 70, 40, 5
     gate, up, dh = (torch.randn(M, K, generator=g).to(DEVICE, dtype) for _ in range(3))
     u_a = torch.randn(M, R, generator=g).to(DEVICE)
-    g64, u64, dh64 = gate.double(), up.double(), dh.double()
-    silu = torch.nn.functional.silu(g64)
-    sig = torch.sigmoid(g64)
-    want_dg, want_du = dh64 * u64 * (sig * (1 + g64 * (1 - sig))), dh64 * silu
-    want_da = (silu * u64).to(dtype).double().t() @ u_a.double()  # h rounded to the dtype, as the forward's
+    g64, u64 = (t.double().requires_grad_() for t in (gate, up))
+    h64 = act_reference(g64, "silu") * u64
+    want_dg, want_du = torch.autograd.grad(h64, [g64, u64], dh.double())
+    want_da = h64.detach().to(dtype).double().t() @ u_a.double()
     dg, du, da = sk.swiglu_grads_and_da(dh.clone(), gate, up, u_a)
-    tol = TOL[dtype]
-    assert rel(dg, want_dg) < tol and rel(du, want_du) < tol
-    assert da.shape == (K, R) and rel(da, want_da) < (SPLIT_TOL if dtype != torch.float32 else TOL[torch.float32])
+    assert rel(dg, want_dg) < TOL[dtype] and rel(du, want_du) < TOL[dtype]
+    # dA^T is fp32: exact fp32 products for an fp32 g; from a half g, u_a as hi + lo columns of the half dtype
+    # (fp16 in the interpreter keeps ~22 bits: fp32's tolerance; bf16 on CUDA ~16 bits: SPLIT_TOL), as run_case
+    split = DEVICE == "cuda" and dtype == torch.bfloat16
+    assert da.shape == (K, R) and rel(da, want_da) < (SPLIT_TOL if split else TOL[torch.float32])
 
 
 def test_bad_arguments():
