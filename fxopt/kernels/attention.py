@@ -619,14 +619,17 @@ if triton is not None:
     def _pruner(kernel):
         def prune(configs, nargs, **kwargs):
             """Drop the list's last config (the small one that fits anywhere) when a larger one fits this GPU's
-            shared memory: one compile fewer in the first step. Up to S = 4096 keep only the first (the fastest
-            at S 2048 on the H100, see above)."""
+            shared memory: one compile fewer in the first step. Of the head dims up to 128 keep only the first
+            (the fastest at S 2048 and 8192 on the H100, see above), at every length: five compiles fewer in the
+            first step at S 8192. There the autotuner had chosen a dQ config that ran 940 us per call in the
+            kernel probe where the first ran 842 (HF mask, 2026-11-28, `s15-attention-probe.txt`); the dense8k
+            training step was the same either way (57,425 / 57,488 tokens/s, `s15d-dense8k-*`)."""
             q = nargs.get("Q")
             limit = shared_memory_limit(q)
             fits = [c for c in configs[:-1] if limit and _smem_bytes(
                 kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, kwargs["BLOCK_D"],
                 q.element_size()) <= limit]
-            if fits and nargs.get("S_BUCKET", 0) <= 4096:
+            if fits and kwargs["BLOCK_D"] <= 128:
                 return fits[:1]
             return fits or configs
         return prune

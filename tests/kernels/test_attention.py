@@ -641,3 +641,19 @@ def test_backward_reuses_the_forward_mask_summary(monkeypatch):
     assert len(calls) == 1
     out.backward(torch.randn_like(out))
     assert len(calls) == 1 and q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_pruner_keeps_the_first_fitting_config(monkeypatch):
+    """Head dims up to 128: only the list's first config, at S 2048 and 8192 alike (the autotuner chose a slower
+    dQ at S 8192 on the H100); wider heads: every config that fits, the fallback last one dropped."""
+    if not hasattr(ak, "_pruner"):
+        pytest.skip("no Triton")
+    monkeypatch.setattr(ak, "shared_memory_limit", lambda q: 232448)  # the H100's
+    q = torch.empty(1, dtype=torch.bfloat16)
+    for kernel in ("fwd", "dq", "dkdv"):
+        narrow = ak._configs(ak._CONFIGS[(kernel, False)])
+        for s_bucket in (2048, 8192):
+            assert ak._pruner(kernel)(narrow, {"Q": q, "S_BUCKET": s_bucket}, BLOCK_D=64) == narrow[:1]
+        wide = ak._configs(ak._CONFIGS[(kernel, True)])
+        kept = ak._pruner(kernel)(wide, {"Q": q, "S_BUCKET": 8192}, BLOCK_D=256)
+        assert len(kept) > 1 and kept == wide[:len(kept)] and wide[-1] not in kept
