@@ -621,9 +621,10 @@ if triton is not None:
             """Drop the list's last config (the small one that fits anywhere) when a larger one fits this GPU's
             shared memory: one compile fewer in the first step. Of the head dims up to 128 keep only the first
             (the fastest at S 2048 and 8192 on the H100, see above), at every length: five compiles fewer in the
-            first step at S 8192 (dense8k's cold first step 37.5 -> 32.3 s, `s15e-cold-dense8k-*`). There the autotuner had chosen a dQ config that ran 940 us per call in the
-            kernel probe where the first ran 842 (HF mask, 2026-11-28, `s15-attention-probe.txt`); the dense8k
-            training step was the same either way (57,425 / 57,488 tokens/s, `s15d-dense8k-*`)."""
+            first step at S 8192 (dense8k's cold first step 37.5 -> 32.3 s, `s15e-cold-dense8k-*`). There the
+            autotuner had chosen a dQ config that ran 940 us per call in the kernel probe where the first ran 842
+            (HF mask, 2026-11-28, `s15-attention-probe.txt`); the dense8k training step was the same either way
+            (57,425 / 57,488 tokens/s, `s15d-dense8k-*`)."""
             q = nargs.get("Q")
             limit = shared_memory_limit(q)
             fits = [c for c in configs[:-1] if limit and _smem_bytes(
