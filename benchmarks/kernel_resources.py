@@ -28,13 +28,19 @@ SMEM_PER_SM = 228 * 1024
 POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", PAD="*fp32", MASK="*i1", SUMMARY="*i32", DO="*bf16", LSE="*fp32",
                 DELTA="*fp32", DQ="*bf16", OUT="*bf16", DK="*bf16", DV="*bf16")
 FLOATS = ("qk_scale", "softcap", "mask_min", "scale")
-UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_gd", "stride_kgd",
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_gd", "stride_kgd", "stride_mk",
                 "stride_vgd")
 VARIANTS = {"causal": dict(CAUSAL=True, HAS_MASK=False), "mask": dict(CAUSAL=False, HAS_MASK=True)}
 
 
-def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
-    """triton.compile of fn for sm_90 with its other arguments typed and specialised as a launch would."""
+DIVISIBLE = ("S", "S_BUCKET", "field_stride")  # integer arguments (besides strides) a launch finds divisible by 16
+
+
+def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, divisible=DIVISIBLE):
+    """triton.compile of fn for sm_90 with its other arguments typed and specialised as a launch would: an
+    integer argument a launch sees divisible by 16 (strides and the names in `divisible`) carries that fact,
+    which decides the loads' vector width and so whether the pipeliner can stage them (cp.async takes 4 bytes
+    and more)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -51,7 +57,7 @@ def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") or name in ("S", "S_BUCKET", "field_stride"):
+            if name.startswith("stride_") or name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
