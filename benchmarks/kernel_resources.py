@@ -30,17 +30,13 @@ POINTERS = dict(Q="*bf16", K="*bf16", V="*bf16", PAD="*fp32", MASK="*i1", SUMMAR
 FLOATS = ("qk_scale", "softcap", "mask_min", "scale")
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_gd", "stride_kgd", "stride_mk",
                 "stride_vgd")
-VARIANTS = {"causal": dict(CAUSAL=True, HAS_MASK=False), "mask": dict(CAUSAL=False, HAS_MASK=True)}
-
-
 DIVISIBLE = ("S", "S_BUCKET", "field_stride")  # integer arguments (besides strides) a launch finds divisible by 16
 
 
-def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, divisible=DIVISIBLE):
+def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
     """triton.compile of fn for sm_90 with its other arguments typed and specialised as a launch would: an
-    integer argument a launch sees divisible by 16 (strides and the names in `divisible`) carries that fact,
-    which decides the loads' vector width and so whether the pipeliner can stage them (cp.async takes 4 bytes
-    and more)."""
+    integer argument a launch sees divisible by 16 (strides and DIVISIBLE) carries that fact, which decides the
+    loads' vector width and so whether the pipeliner can stage them (cp.async takes 4 bytes and more)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,7 +53,7 @@ def compile_for_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, divi
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") or name in divisible:
+            if name.startswith("stride_") or name in DIVISIBLE:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -109,23 +105,27 @@ def main() -> None:
     except ImportError:
         print("kernel_resources.py: this Triton has no NVIDIA backend; nothing to compile.")
         return
+    import torch
+
     from fxopt.kernels import attention as ak
 
-    if not hasattr(ak, "_KERNELS"):
+    if ak._INTERPRETED:
         print("kernel_resources.py: fxopt's attention kernels are interpreted here (TRITON_INTERPRET=1): unset it.")
         return
-    block_d = max(16, 1 << (args.head_dim - 1).bit_length())
-    base = dict(HEAD_DIM=args.head_dim, BLOCK_D=block_d, WINDOW=False, SOFTCAP=False, HAS_PAD=False,
-                MASK_BIAS=False, PRECISION="tf32")
+    # the constexpr flags exactly as the op derives them for a bf16 call, with the causal flag or with HF's mask
+    q = torch.empty(1, 1, 1, args.head_dim, dtype=torch.bfloat16)
+    flags = {"causal": ak._flags(q, True, 0, 0.0, None), "mask": ak._flags(q, False, 0, 0.0, None,
+                                                                            torch.ones(1, 1, 1, 1, dtype=torch.bool))}
+    wide = flags["causal"]["BLOCK_D"] > 128  # which tuning list, as _launch picks it
     print("| kernel | BLOCK_M, BLOCK_N, warps, stages | variant | registers | spilled bytes | shared KiB | "
           "programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for name in args.kernels.split(","):
         fn = ak._KERNELS[name]
-        configs = parse_configs(args.configs) if args.configs else ak._CONFIGS[(name, block_d > 128)]
+        configs = parse_configs(args.configs) if args.configs else ak._CONFIGS[(name, wide)]
         for bm, bn, warps, stages in configs:
             for variant in args.variants.split(","):
-                consts = dict(base, BLOCK_M=bm, BLOCK_N=bn, **VARIANTS[variant])
+                consts = dict(flags[variant], BLOCK_M=bm, BLOCK_N=bn)
                 try:
                     regs, spill, smem = resources(compile_for_sm90(fn, consts, warps, stages))
                 except Exception as e:  # a config that does not fit: say so, go on

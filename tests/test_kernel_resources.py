@@ -25,6 +25,14 @@ def test_reports_one_config_of_each_variant():
     for r in rows:
         regs, spilled, smem, per_sm = int(r[3]), int(r[4]), float(r[5]), int(r[6])
         assert 0 < regs <= 255 and spilled >= 0 and smem > 0 and per_sm >= 1
+    # the mask variant really compiles the mask walk in (flags not taking effect would give two equal rows)
+    assert [c.strip() for c in rows[0][3:6]] != [c.strip() for c in rows[1][3:6]], res.stdout
+
+
+def test_interpreted_kernels_are_refused():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_resources.py")], cwd=ROOT,
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "interpreted" in res.stdout and "| dq" not in res.stdout
 
 
 def test_bad_config_is_named():
