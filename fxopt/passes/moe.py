@@ -416,9 +416,22 @@ def _rewrite(gm, out, x, ids, weights, gate_up, down, act, seen, order):
         target = cast
         seen.append(cast)
     anchor = max((x, ids, weights, gate_up, down), key=order.__getitem__)
+    from fxopt.kernels import moe as _moe_kernels
+
+    keep = {k: v for k, v in target.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
     with graph.inserting_after(anchor):
-        op = graph.call_function(torch.ops.fxopt.moe_experts.default, (x, ids, weights, gate_up, down, act))
-    op.meta.update({k: v for k, v in target.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        if _moe_kernels.SAVE_GATE_UP:  # the forward also returns the projection, saved for the backward
+            pair = graph.call_function(torch.ops.fxopt.moe_experts_saving.default,
+                                       (x, ids, weights, gate_up, down, act))
+            with graph.inserting_after(pair):
+                op = graph.call_function(operator.getitem, (pair, 0))
+            tv = value(target)
+            pair.meta.update(keep)
+            pair.meta["example_value"] = (tv, tv.new_empty((xv.shape[0] * value(ids).shape[1],
+                                                             value(gate_up).shape[1]), dtype=value(gate_up).dtype))
+        else:
+            op = graph.call_function(torch.ops.fxopt.moe_experts.default, (x, ids, weights, gate_up, down, act))
+    op.meta.update(keep)
     op.meta["example_value"] = value(target)
     target.replace_all_uses_with(op)
     for n in sorted(set(seen), key=order.__getitem__, reverse=True):

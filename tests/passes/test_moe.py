@@ -72,6 +72,20 @@ def test_grouped_mm_experts_matched_and_numerics_equal(family):
         assert sum(n.endswith("shared_expert_gate.weight") for n in grads) == 2
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_saving_op_matched_and_numerics_equal(family, monkeypatch):
+    """SAVE_GATE_UP: the pass emits moe_experts_saving (the projection kept for the backward); loss and every
+    LoRA and router gradient equal the unoptimized model's."""
+    monkeypatch.setattr(moe_kernels, "SAVE_GATE_UP", True)
+    calls = []
+    real = moe_kernels._bwd_act
+    monkeypatch.setattr(moe_kernels, "_bwd_act", lambda *a: (calls.append(a[-1] is not None), real(*a))[1])
+    report, grads = _compare(tiny_moe_model(family))
+    assert {r.location for r in report.matched("moe")} == {EXPERTS}
+    assert calls and all(calls)  # every backward read the kept projection
+    assert sum(n.endswith("mlp.gate.weight") for n in grads) == 2
+
+
 def test_one_match_per_layer_without_regional_compilation():
     report, _ = _compare(tiny_moe_model("qwen3_moe"), regional=False)
     assert {r.location for r in report.matched("moe")} == {
