@@ -12,6 +12,8 @@
                                                                  default, what setup fxopt runs)
     eager_compute_dtype   HF eager, with what frozen_fp32="compute_dtype" does done by hand (no fxopt)
     fxopt_compute_dtype   fxopt.optimize(model, frozen_fp32="compute_dtype") (qlora: the recipe's fp32 upcast undone)
+    fxopt_moe_keep        fxopt.optimize(model, moe_keep_projection=True) (MoE: the experts' projection kept for the
+                          backward instead of recomputed)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
 (workload, setup): first-step seconds (includes compilation), then the median of --steps timed steps after
@@ -82,7 +84,7 @@ MEMORY_SETUPS = ["fxopt_none", "fxopt_norms", "fxopt_recompute", "fxopt_offload"
 # fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
 PRECISION_SETUPS = ["fxopt_compute_dtype"]
 SETUPS = (["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"]
-          + NO_PASS_SETUPS + MEMORY_SETUPS + PRECISION_SETUPS)
+          + NO_PASS_SETUPS + MEMORY_SETUPS + PRECISION_SETUPS + ["fxopt_moe_keep"])
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -226,6 +228,8 @@ def worker(args, res: dict) -> None:
             extra = {"memory": args.setup[len("fxopt_"):]}
         if args.setup in PRECISION_SETUPS:
             extra = {"frozen_fp32": "compute_dtype"}
+        if args.setup == "fxopt_moe_keep":
+            extra = {"moe_keep_projection": True}
         model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **extra)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

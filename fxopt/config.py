@@ -54,6 +54,12 @@ class OptimizeConfig:
                    inside the graph with Inductor, so CUDA graphs stay on),
                    "offload": as "recompute", and those inputs wait in (pinned) CPU memory until the backward
                    (torch.utils.checkpoint under save_on_cpu; CUDA graphs off for the model).
+    moe_keep_projection: the MoE experts op (`fxopt::moe_experts`) recomputes the experts' gate_up projection
+                   [tokens * top_k, 2 * moe_intermediate] in its backward rather than keep it (the default, and
+                   what a memory budget wants). True keeps it from the forward (`fxopt::moe_experts_saving`):
+                   one GEMM of the activation backward's three, for that tensor per MoE layer (moe-big: ~200 MiB
+                   per layer, +2.2 GiB peak, +6.6% tokens/s on an H200). None (default): keep it only under
+                   memory="none", the policy that recomputes nothing.
     frozen_fp32:   a bitsandbytes 4-bit model prepared by peft's prepare_model_for_kbit_training has its other
                    parameters (norms, embedding, lm_head) upcast to fp32, so the residual stream, attention
                    and the loss run in fp32 (most of a QLoRA step's time). "keep" (default) computes as the
@@ -75,6 +81,7 @@ class OptimizeConfig:
     deterministic: bool = False
     memory: str = "norms"
     frozen_fp32: str = "keep"
+    moe_keep_projection: bool | None = None
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -99,8 +106,18 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig.frozen_fp32 must be one of {FROZEN_FP32}, got {self.frozen_fp32!r}")
         if self.memory in CHECKPOINTING_POLICIES and not self.regional:
             raise ValueError(f"OptimizeConfig.memory={self.memory!r} works per decoder block: it needs regional=True")
+        if self.moe_keep_projection is not None and not isinstance(self.moe_keep_projection, bool):
+            raise TypeError(f"OptimizeConfig.moe_keep_projection must be True, False or None, "
+                            f"got {self.moe_keep_projection!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"OptimizeConfig.dynamic must be True, False or None, got {self.dynamic!r}")
+
+    @property
+    def keeps_moe_projection(self) -> bool:
+        """Whether the moe pass emits the experts op that keeps its gate_up projection for the backward."""
+        if self.moe_keep_projection is None:
+            return self.memory == "none"
+        return self.moe_keep_projection
 
     @classmethod
     def from_kwargs(cls, config: "OptimizeConfig | None", **overrides) -> "OptimizeConfig":

@@ -42,6 +42,8 @@ Expert ids must lie in [0, E) (expert-parallel sentinels are not supported).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -85,18 +87,20 @@ if triton is not None:
 
     @triton.jit
     def _rows_kernel(
-        A, W, OUT, PERM, WTS, OFFS,
+        A, W, OUT, PERM, WTS, OFFS, GU_OUT,
         E, N, K, TOPK, S_BUCKET,
-        stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+        stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_gum,
         GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-        HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_SCALE: tl.constexpr, SAVE_GU: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """For each expert e and each of its sorted rows r (OFFS[e] <= r < OFFS[e+1]):
              OUT[o(r), :N] = scale(r) * epi(A[a(r), :K] @ W[e][:K, :N])
         a(r) = PERM[r] // TOPK (the token) if GATHER_A else r; o(r) = PERM[r] (the slot) if SCATTER_OUT else r;
         GATED: epi(v) = act(v) * (A[a(r)] @ W[e][:, N:2N]) (gate columns first, up after), else identity;
-        scale(r) = WTS[PERM[r]] if HAS_SCALE. W[e] is read through strides as [K, N]; fp32 accumulation."""
+        scale(r) = WTS[PERM[r]] if HAS_SCALE. W[e] is read through strides as [K, N]; fp32 accumulation.
+        SAVE_GU (gated): also GU_OUT[r, :N] = gate, GU_OUT[r, N:] = up, before the activation (saved for the
+        backward instead of recomputed)."""
         eids, lo, hi, tiles, ends = _expert_tiles(OFFS, E, BLOCK_M, BLOCK_E)
         n_col = tl.cdiv(N, BLOCK_N)
         total = tl.sum(tiles, 0) * n_col
@@ -131,6 +135,11 @@ if triton is not None:
                 a_ptrs += BLOCK_K * stride_ak
                 w_ptrs += BLOCK_K * stride_wk
             if GATED:
+                if SAVE_GU:
+                    gu_ptrs = GU_OUT + rows.to(tl.int64)[:, None] * stride_gum + cols[None, :]
+                    gu_mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+                    tl.store(gu_ptrs, acc.to(GU_OUT.dtype.element_ty), mask=gu_mask)
+                    tl.store(gu_ptrs + N, acc_up.to(GU_OUT.dtype.element_ty), mask=gu_mask)
                 act, _ = _act(acc, ACT)
                 acc = act * acc_up
             if HAS_SCALE:
@@ -145,12 +154,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_act_kernel(
-        X, DY, GU, D, PERM, WTS, DGU, HW, DWP, OFFS,
+        X, DY, GU, D, PERM, WTS, DGU, HW, DWP, OFFS, GU_IN,
         E, I, H, TOPK, S_BUCKET,
         stride_xm, stride_xk, stride_dym, stride_dyk, stride_ge, stride_gk, stride_gn,
-        stride_de, stride_dk, stride_dn, stride_dgum, stride_dgun, stride_hwm, stride_hwn, stride_dwpm,
+        stride_de, stride_dk, stride_dn, stride_dgum, stride_dgun, stride_hwm, stride_hwn, stride_dwpm, stride_gim,
         ACT: tl.constexpr, NEED_Q: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr,
-        STORE_DW: tl.constexpr, PRECISION: tl.constexpr,
+        STORE_DW: tl.constexpr, SAVED_GU: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """Per sorted row r (token t = PERM[r] // TOPK, weight w = WTS[PERM[r]]) and column tile of I, one pass
@@ -158,7 +167,9 @@ if triton is not None:
         [H, 2I]) and q = dy_t @ D[e][:, c] (D[e] read as [H, I]). Epilogue, with h = act(gate) * up:
           DWP[PERM[r], pid_n] = sum_c q * h                (partial d w, summed over column tiles after)
           DGU[r, c] = w q up act'(gate), DGU[r, I + c] = w q act(gate)
-          HW[r, c] = w h"""
+          HW[r, c] = w h
+        SAVED_GU: gate and up are read from GU_IN (the forward's, by sorted row) instead of recomputed: the pass
+        over H then only forms q."""
         eids, lo, hi, tiles, ends = _expert_tiles(OFFS, E, BLOCK_M, BLOCK_E)
         n_col = tl.cdiv(I, BLOCK_N)
         total = tl.sum(tiles, 0) * n_col
@@ -184,10 +195,11 @@ if triton is not None:
                 k_left = H - k * BLOCK_K
                 kmask_a = rk[None, :] < k_left
                 kmask_b = rk[:, None] < k_left
-                xa = tl.load(x_ptrs, mask=kmask_a, other=0.0).to(GU.dtype.element_ty)
-                gate = tl.dot(xa, tl.load(g_ptrs, mask=kmask_b, other=0.0), gate, input_precision=PRECISION)
-                up = tl.dot(xa, tl.load(g_ptrs + I * stride_gn, mask=kmask_b, other=0.0), up,
-                            input_precision=PRECISION)
+                if not SAVED_GU:
+                    xa = tl.load(x_ptrs, mask=kmask_a, other=0.0).to(GU.dtype.element_ty)
+                    gate = tl.dot(xa, tl.load(g_ptrs, mask=kmask_b, other=0.0), gate, input_precision=PRECISION)
+                    up = tl.dot(xa, tl.load(g_ptrs + I * stride_gn, mask=kmask_b, other=0.0), up,
+                                input_precision=PRECISION)
                 if NEED_Q:
                     dya = tl.load(dy_ptrs, mask=kmask_a, other=0.0).to(D.dtype.element_ty)
                     q = tl.dot(dya, tl.load(d_ptrs, mask=kmask_b, other=0.0), q, input_precision=PRECISION)
@@ -195,13 +207,17 @@ if triton is not None:
                 dy_ptrs += BLOCK_K * stride_dyk
                 g_ptrs += BLOCK_K * stride_gk
                 d_ptrs += BLOCK_K * stride_dk
-            a, da = _act(gate, ACT)
-            h = a * up
-            w = tl.load(WTS + slot).to(tl.float32)[:, None]
             row_ok = rows < row_end
             col_ok = cols < I
             mask = row_ok[:, None] & col_ok[None, :]
             r64 = rows.to(tl.int64)
+            if SAVED_GU:
+                gi_ptrs = GU_IN + r64[:, None] * stride_gim + cols[None, :]
+                gate = tl.load(gi_ptrs, mask=mask, other=0.0).to(tl.float32)
+                up = tl.load(gi_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+            a, da = _act(gate, ACT)
+            h = a * up
+            w = tl.load(WTS + slot).to(tl.float32)[:, None]
             if STORE_DW:
                 part = tl.sum(tl.where(col_ok[None, :], q * h, 0.0), 1)
                 tl.store(DWP + slot * stride_dwpm + pid_n, part, mask=row_ok)
@@ -377,9 +393,10 @@ def _row_tile_bound(s: int, e: int, block_m: int) -> int:
 
 def _rows_gemm(a: Tensor, w_kn: Tensor, out: Tensor, perm: Tensor, offs: Tensor, topk: int, *,
                gather_a: bool, scatter_out: bool, gated: bool = False, act: str = "silu",
-               wts: Tensor | None = None) -> Tensor:
+               wts: Tensor | None = None, gu_out: Tensor | None = None) -> Tensor:
     """out[o(r)] = scale(r) * epi(a[a(r)] @ w_kn[e(r)]) for the sorted rows r (see `_rows_kernel`);
-    w_kn is [E, K, N] (or [E, K, 2N] when gated), any strides."""
+    w_kn is [E, K, N] (or [E, K, 2N] when gated), any strides. gu_out [S, 2N] contiguous (gated only): also
+    the projection before the activation, by sorted row."""
     E, K = w_kn.shape[0], w_kn.shape[1]
     N = w_kn.shape[2] // 2 if gated else w_kn.shape[2]
     S = perm.shape[0]
@@ -395,6 +412,8 @@ def _rows_gemm(a: Tensor, w_kn: Tensor, out: Tensor, perm: Tensor, offs: Tensor,
             slot = perm[lo:hi].long()
             rows = a[slot // topk] if gather_a else a[lo:hi]
             v = rows.to(w_kn.dtype).to(acc_dt) @ w_kn[e].to(acc_dt)
+            if gu_out is not None:
+                gu_out[lo:hi] = v.to(gu_out.dtype)
             if gated:
                 v = _act_torch(v[:, :N], act)[0] * v[:, N:]
             if wts is not None:
@@ -404,10 +423,13 @@ def _rows_gemm(a: Tensor, w_kn: Tensor, out: Tensor, perm: Tensor, offs: Tensor,
             else:
                 out[lo:hi] = v.to(out.dtype)
         return out
-    args = (a, w_kn, out, perm, wts if wts is not None else out, offs, E, N, K, topk, _s_bucket(S),
-            a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), w_kn.stride(2), out.stride(0), out.stride(1))
+    gu_t = gu_out if gu_out is not None else out  # never written without SAVE_GU
+    args = (a, w_kn, out, perm, wts if wts is not None else out, offs, gu_t, E, N, K, topk, _s_bucket(S),
+            a.stride(0), a.stride(1), w_kn.stride(0), w_kn.stride(1), w_kn.stride(2), out.stride(0), out.stride(1),
+            gu_t.stride(0))
     flags = dict(GATHER_A=gather_a, SCATTER_OUT=scatter_out, GATED=gated, ACT=ACTIVATIONS.index(act),
-                 HAS_SCALE=wts is not None, PRECISION=_precision(w_kn.dtype), BLOCK_E=_block_e(E))
+                 HAS_SCALE=wts is not None, SAVE_GU=gu_out is not None, PRECISION=_precision(w_kn.dtype),
+                 BLOCK_E=_block_e(E))
     cap = _max_programs(a.device)
 
     def grid(meta):
@@ -417,9 +439,10 @@ def _rows_gemm(a: Tensor, w_kn: Tensor, out: Tensor, perm: Tensor, offs: Tensor,
     return out
 
 
-def _bwd_act(x, dy, gate_up, down, perm, wts, offs, topk, act, dgu, hw, dwp):
-    """Recomputes gate/up and backpropagates through act(gate) * up and the routing weight (see
-    `_bwd_act_kernel`); dgu [S, 2I], hw [S, I], dwp [S, n_col] may each be None (not needed)."""
+def _bwd_act(x, dy, gate_up, down, perm, wts, offs, topk, act, dgu, hw, dwp, saved_gu=None):
+    """Recomputes gate/up (or reads them from saved_gu [S, 2I], the forward's by sorted row) and backpropagates
+    through act(gate) * up and the routing weight (see `_bwd_act_kernel`); dgu [S, 2I], hw [S, I],
+    dwp [S, n_col] may each be None (not needed)."""
     E, I2, H = gate_up.shape
     I = I2 // 2
     S = perm.shape[0]
@@ -434,7 +457,10 @@ def _bwd_act(x, dy, gate_up, down, perm, wts, offs, topk, act, dgu, hw, dwp):
                 continue
             slot = perm[lo:hi].long()
             tok = slot // topk
-            gu = x[tok].to(gate_up.dtype).to(acc_dt) @ gate_up[e].to(acc_dt).t()
+            if saved_gu is not None:
+                gu = saved_gu[lo:hi].to(acc_dt)
+            else:
+                gu = x[tok].to(gate_up.dtype).to(acc_dt) @ gate_up[e].to(acc_dt).t()
             gate, up = gu[:, :I], gu[:, I:]
             a, da = _act_torch(gate, act)
             h = a * up
@@ -452,12 +478,14 @@ def _bwd_act(x, dy, gate_up, down, perm, wts, offs, topk, act, dgu, hw, dwp):
     dgu_t, hw_t, dwp_t = (dgu if dgu is not None else dummy), (hw if hw is not None else dummy), \
         (dwp if dwp is not None else dummy)
     gu_kn = gate_up.transpose(1, 2)  # [E, H, 2I]
-    args = (x, dy, gu_kn, down, perm, wts, dgu_t, hw_t, dwp_t, offs, E, I, H, topk, _s_bucket(S),
+    gi_t = saved_gu if saved_gu is not None else dummy
+    args = (x, dy, gu_kn, down, perm, wts, dgu_t, hw_t, dwp_t, offs, gi_t, E, I, H, topk, _s_bucket(S),
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), gu_kn.stride(0), gu_kn.stride(1), gu_kn.stride(2),
             down.stride(0), down.stride(1), down.stride(2), dgu_t.stride(0), dgu_t.stride(1),
-            hw_t.stride(0), hw_t.stride(1), dwp_t.stride(0))
+            hw_t.stride(0), hw_t.stride(1), dwp_t.stride(0), gi_t.stride(0))
     flags = dict(ACT=ACTIVATIONS.index(act), NEED_Q=need_q, STORE_DGU=dgu is not None, STORE_HW=hw is not None,
-                 STORE_DW=dwp is not None, PRECISION=_precision(gate_up.dtype), BLOCK_E=_block_e(E))
+                 STORE_DW=dwp is not None, SAVED_GU=saved_gu is not None, PRECISION=_precision(gate_up.dtype),
+                 BLOCK_E=_block_e(E))
     cap = _max_programs(x.device)
 
     def grid(meta):
@@ -525,11 +553,7 @@ def _slot_dtype(down: Tensor, topk_weights: Tensor):
     return torch.promote_types(down.dtype, topk_weights.dtype)
 
 
-@torch.library.custom_op("fxopt::moe_experts", mutates_args=())
-@with_fallback
-def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor, down: Tensor,
-                activation: str) -> Tensor:
-    """y [T, H] in x's dtype; see the module docstring."""
+def _forward(x, topk_ids, topk_weights, gate_up, down, activation, save_gate_up: bool):
     _check(x, topk_ids, topk_weights, gate_up, down, activation)
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -538,11 +562,20 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tens
     perm, offs = _route(topk_ids, E)
     wts = topk_weights.reshape(-1).contiguous()  # the kernels index it by slot
     h = _new_output((S, I), down.dtype, x.device)
+    gu = _new_output((S, 2 * I), gate_up.dtype, x.device) if save_gate_up else None
     _rows_gemm(x, gate_up.transpose(1, 2), h, perm, offs, k, gather_a=True, scatter_out=False, gated=True,
-               act=activation)
+               act=activation, gu_out=gu)
     slots = _new_output((S, H), _slot_dtype(down, topk_weights), x.device)
     _rows_gemm(h, down.transpose(1, 2), slots, perm, offs, k, gather_a=False, scatter_out=True, wts=wts)
-    return slots.view(T, k, H).sum(1).to(x.dtype)
+    return slots.view(T, k, H).sum(1).to(x.dtype), gu
+
+
+@torch.library.custom_op("fxopt::moe_experts", mutates_args=())
+@with_fallback
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor, down: Tensor,
+                activation: str) -> Tensor:
+    """y [T, H] in x's dtype; see the module docstring."""
+    return _forward(x, topk_ids, topk_weights, gate_up, down, activation, False)[0]
 
 
 @moe_experts.register_fake
@@ -551,11 +584,27 @@ def _(x, topk_ids, topk_weights, gate_up, down, activation):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("fxopt::moe_experts_saving", mutates_args=())
+@with_fallback
+def moe_experts_saving(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor, down: Tensor,
+                       activation: str) -> tuple[Tensor, Tensor]:
+    """(y, gu): moe_experts' y, and the gate_up projection [T*k, 2I] before the activation (weights' dtype, by
+    sorted row), kept for the backward, which then does not recompute it (OptimizeConfig.moe_keep_projection)."""
+    return _forward(x, topk_ids, topk_weights, gate_up, down, activation, True)
+
+
+@moe_experts_saving.register_fake
+def _(x, topk_ids, topk_weights, gate_up, down, activation):
+    _check(x, topk_ids, topk_weights, gate_up, down, activation)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((x.shape[0] * topk_ids.shape[1], gate_up.shape[1]), dtype=gate_up.dtype))
+
+
 @torch.library.custom_op("fxopt::moe_experts_backward", mutates_args=())
 @with_fallback
 def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
                          down: Tensor, activation: str, need_dx: bool, need_dw: bool, need_dgate_up: bool,
-                         need_ddown: bool) -> list[Tensor]:
+                         need_ddown: bool, saved_gate_up: Optional[Tensor] = None) -> list[Tensor]:
     """Returns [dx if need_dx] + [d topk_weights if need_dw] + [d gate_up if need_dgate_up]
     + [d down if need_ddown], each in its input's dtype."""
     T, H = x.shape
@@ -571,7 +620,7 @@ def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: 
     n_col = triton.cdiv(I, _BWD_BLOCK_N) if _use_triton(x, gate_up) else 1
     dwp = _new_output((S, n_col), torch.promote_types(gate_up.dtype, torch.float32), dev) if need_dw else None
     if need_dgu_rows or need_ddown or need_dw:
-        _bwd_act(x, dy, gate_up, down, perm, wts, offs, k, activation, dgu, hw, dwp)
+        _bwd_act(x, dy, gate_up, down, perm, wts, offs, k, activation, dgu, hw, dwp, saved_gate_up)
     result = []
     if need_dx:
         dx_slots = _new_output((S, H), torch.promote_types(x.dtype, gate_up.dtype), dev)
@@ -589,7 +638,8 @@ def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: 
 
 
 @moe_experts_backward.register_fake
-def _(dy, x, topk_ids, topk_weights, gate_up, down, activation, need_dx, need_dw, need_dgate_up, need_ddown):
+def _(dy, x, topk_ids, topk_weights, gate_up, down, activation, need_dx, need_dw, need_dgate_up, need_ddown,
+      saved_gate_up=None):
     result = []
     if need_dx:
         result.append(torch.empty_like(x, memory_format=torch.contiguous_format))
@@ -604,16 +654,18 @@ def _(dy, x, topk_ids, topk_weights, gate_up, down, activation, need_dx, need_dw
 
 def _setup_context(ctx, inputs, output):
     x, topk_ids, topk_weights, gate_up, down, activation = inputs
-    ctx.save_for_backward(x, topk_ids, topk_weights, gate_up, down)
+    saved = output[1] if isinstance(output, (tuple, list)) else None
+    ctx.save_for_backward(x, topk_ids, topk_weights, gate_up, down, saved)
     ctx.activation = activation
 
 
-def _backward(ctx, dy):
-    x, topk_ids, topk_weights, gate_up, down = ctx.saved_tensors
+def _backward(ctx, dy, dgu_out=None):
+    """dgu_out: the saving op's second output is kept for the backward only; no gradient flows into it."""
+    x, topk_ids, topk_weights, gate_up, down, saved = ctx.saved_tensors
     need = [bool(n) for n in ctx.needs_input_grad]  # (x, ids, weights, gate_up, down, activation)
     need_dx, need_dw, need_dgu, need_dd = need[0], need[2], need[3], need[4]
     grads = iter(moe_experts_backward(dy, x, topk_ids, topk_weights, gate_up, down, ctx.activation,
-                                      need_dx, need_dw, need_dgu, need_dd))
+                                      need_dx, need_dw, need_dgu, need_dd, saved))
     dx = next(grads) if need_dx else None
     dw = next(grads) if need_dw else None
     dgu = next(grads) if need_dgu else None
@@ -622,6 +674,7 @@ def _backward(ctx, dy):
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
+moe_experts_saving.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reference(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor, down: Tensor,

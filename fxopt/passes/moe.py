@@ -405,7 +405,7 @@ def _source_line(node, ctx) -> str:
     return f"{parts[1].rsplit('/', 1)[-1]}:{rest[1]} ({rest[-1]})" if len(rest) >= 4 else parts[1]
 
 
-def _rewrite(gm, out, x, ids, weights, gate_up, down, act, seen, order):
+def _rewrite(gm, out, x, ids, weights, gate_up, down, act, seen, order, keep_projection):
     graph = gm.graph
     xv, ov = value(x), value(out)
     target = out
@@ -416,9 +416,20 @@ def _rewrite(gm, out, x, ids, weights, gate_up, down, act, seen, order):
         target = cast
         seen.append(cast)
     anchor = max((x, ids, weights, gate_up, down), key=order.__getitem__)
+    keep = {k: v for k, v in target.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
     with graph.inserting_after(anchor):
-        op = graph.call_function(torch.ops.fxopt.moe_experts.default, (x, ids, weights, gate_up, down, act))
-    op.meta.update({k: v for k, v in target.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        if keep_projection:  # the forward also returns the projection, saved for the backward
+            pair = graph.call_function(torch.ops.fxopt.moe_experts_saving.default,
+                                       (x, ids, weights, gate_up, down, act))
+            with graph.inserting_after(pair):
+                op = graph.call_function(operator.getitem, (pair, 0))
+            tv = value(target)
+            pair.meta.update(keep)
+            pair.meta["example_value"] = (tv, tv.new_empty((xv.shape[0] * value(ids).shape[1],
+                                                             value(gate_up).shape[1]), dtype=value(gate_up).dtype))
+        else:
+            op = graph.call_function(torch.ops.fxopt.moe_experts.default, (x, ids, weights, gate_up, down, act))
+    op.meta.update(keep)
     op.meta["example_value"] = value(target)
     target.replace_all_uses_with(op)
     for n in sorted(set(seen), key=order.__getitem__, reverse=True):
@@ -448,7 +459,7 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
             where = _location(ctx, gate_up, node)
             # positions now: an earlier rewrite may have added the op that feeds this block
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
-            _rewrite(gm, node, x, ids, weights, gate_up, down, act, seen, order)
+            _rewrite(gm, node, x, ids, weights, gate_up, down, act, seen, order, ctx.config.keeps_moe_projection)
         except Reject as e:
             records.append(MatchRecord(NAME, module_path(node, ctx.prefix), "rejected", str(e), ctx.graph_name))
             continue
@@ -456,7 +467,8 @@ def run(gm: fx.GraphModule, ctx) -> list[MatchRecord]:
         vg = value(gate_up)
         records.append(MatchRecord(NAME, where, "matched",
                                    f"fxopt::moe_experts ({kind}), E={vg.shape[0]}, k={k}, I={vg.shape[1] // 2}, "
-                                   f"act={act}", ctx.graph_name))
+                                   f"act={act}" + (", gate_up projection kept for the backward"
+                                                    if ctx.config.keeps_moe_projection else ""), ctx.graph_name))
     if changed:
         gm.graph.lint()
         gm.recompile()

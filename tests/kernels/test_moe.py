@@ -45,8 +45,9 @@ def make_ids(T, E, k, routing, g):
 
 
 def run_case(T, H, I, E, k, dtype, w_dtype, act, routing="random", noncontig=False,
-             grads=(True, True, True, True), seed=0, device=DEVICE):
-    """grads: which of (x, topk_weights, gate_up, down) require grad."""
+             grads=(True, True, True, True), seed=0, device=DEVICE, saving=False):
+    """grads: which of (x, topk_weights, gate_up, down) require grad; saving: the op that keeps the gate_up
+    projection for its backward (moe_experts_saving) instead of the one that recomputes it."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, dt=dtype, scale=1.0):
@@ -69,7 +70,11 @@ def run_case(T, H, I, E, k, dtype, w_dtype, act, routing="random", noncontig=Fal
         t.requires_grad_(r)
     trained = [t for t in leaves if t.requires_grad]
 
-    y = torch.ops.fxopt.moe_experts(x, ids, w, gu, dn, act)
+    if saving:
+        y, kept = torch.ops.fxopt.moe_experts_saving(x, ids, w, gu, dn, act)
+        assert kept.shape == (T * k, 2 * I) and kept.dtype == gu.dtype
+    else:
+        y = torch.ops.fxopt.moe_experts(x, ids, w, gu, dn, act)
     l64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     ref = reference(l64[0], ids, *l64[1:], act)
     tol = TOL[dtype]
@@ -95,13 +100,14 @@ def run_case(T, H, I, E, k, dtype, w_dtype, act, routing="random", noncontig=Fal
        E=st.sampled_from([1, 2, 3, 8, 17, 64]), k=st.sampled_from([1, 2, 3, 8]),
        dtype=st.sampled_from([torch.float32, torch.float16]), act=st.sampled_from(ACTIVATIONS),
        routing=st.sampled_from(["random", "random", "same_k", "single"]), noncontig=st.booleans(),
-       grads=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2 ** 16))
-def test_op_matches_reference(T, H, I, E, k, dtype, act, routing, noncontig, grads, seed):
+       grads=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()), saving=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_op_matches_reference(T, H, I, E, k, dtype, act, routing, noncontig, grads, saving, seed):
     if routing != "single":
         k = min(k, E)
     k = max(1, min(k, 64 // T))  # at most 64 (token, slot) rows: the interpreter's cost is per tile
     w_dtype = torch.float32 if seed % 2 else dtype  # routers give fp32 weights (Mixtral) or the model dtype
-    run_case(T, H, I, E, k, dtype, w_dtype, act, routing, noncontig, grads, seed)
+    run_case(T, H, I, E, k, dtype, w_dtype, act, routing, noncontig, grads, seed, saving=saving)
 
 
 @pytest.mark.parametrize("case", [
@@ -111,8 +117,9 @@ def test_op_matches_reference(T, H, I, E, k, dtype, act, routing, noncontig, gra
     dict(T=19, H=33, I=35, E=8, k=8),  # top-8 of 8: every expert gets every token
     dict(T=7, H=16, I=16, E=64, k=8, routing="same_k", noncontig=True),
 ])
-def test_routing_edge_cases(case):
-    run_case(dtype=torch.float32, w_dtype=torch.float32, act="silu", **case)
+@pytest.mark.parametrize("saving", [False, True], ids=["recompute", "saving"])
+def test_routing_edge_cases(case, saving):
+    run_case(dtype=torch.float32, w_dtype=torch.float32, act="silu", saving=saving, **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -121,6 +128,7 @@ def test_torch_path(dtype):
     for act in ACTIVATIONS:
         w_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
         run_case(9, 24, 10, 6, 2, dtype, w_dtype, act, device="cpu", noncontig=dtype == torch.float64)
+        run_case(9, 24, 10, 6, 2, dtype, w_dtype, act, device="cpu", saving=True)
 
 
 def test_interpreter_runs_the_triton_kernel():
@@ -203,15 +211,17 @@ def test_fake_shapes():
     dict(T=1, H=2048, I=768, E=64, k=8),  # one token, 56 experts empty
     dict(T=1000, H=128, I=96, E=64, k=8, routing="same_k"),
 ])
-def test_bf16_gpu(dims, w_dtype):
+@pytest.mark.parametrize("saving", [False, True], ids=["recompute", "saving"])
+def test_bf16_gpu(dims, w_dtype, saving):
     for act in ACTIVATIONS:
-        run_case(dtype=torch.bfloat16, w_dtype=w_dtype, act=act, device="cuda", **dims)
+        run_case(dtype=torch.bfloat16, w_dtype=w_dtype, act=act, device="cuda", saving=saving, **dims)
 
 
 @pytest.mark.gpu
 def test_fp32_fp16_gpu():
     for dtype in (torch.float32, torch.float16):
         run_case(129, 300, 200, 12, 4, dtype, torch.float32, "gelu", noncontig=True, device="cuda")
+        run_case(129, 300, 200, 12, 4, dtype, torch.float32, "gelu", noncontig=True, device="cuda", saving=True)
         run_case(64, 96, 64, 8, 2, dtype, dtype, "silu", grads=(False, True, False, False), device="cuda")
 
 
@@ -232,3 +242,26 @@ def test_deterministic_gpu():
         runs.append([y] + list(torch.autograd.grad(y, [x, w, gu, dn], dy)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_saving_backward_reads_the_kept_projection(monkeypatch):
+    """The saving op's backward runs the activation-backward kernel on the kept projection (SAVED_GU), and a
+    corrupted kept projection changes the gradients: it is really read, not recomputed."""
+    g = torch.Generator().manual_seed(3)
+    T, H, I, E, k = 7, 16, 12, 4, 2
+    x = torch.randn(T, H, generator=g).to(DEVICE).requires_grad_()
+    ids = make_ids(T, E, k, "random", g).to(DEVICE)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    gu = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(DEVICE)
+    dn = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(DEVICE)
+    seen = []
+    real = mk._bwd_act
+    monkeypatch.setattr(mk, "_bwd_act", lambda *a: (seen.append(a[-1] is not None), real(*a))[1])
+    y, kept = torch.ops.fxopt.moe_experts_saving(x, ids, w, gu, dn, "silu")
+    dx = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)[0]
+    assert seen == [True]
+    want = torch.autograd.grad(mk.reference(x, ids, w, gu, dn, "silu"), x, torch.ones_like(y))[0]
+    assert rel(dx, want) < TOL[torch.float32]
+    kept.data.mul_(2.0)  # the backward must read what the forward kept
+    dx2 = torch.autograd.grad(y, x, torch.ones_like(y))[0]
+    assert rel(dx2, want) > 0.1

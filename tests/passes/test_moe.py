@@ -61,8 +61,12 @@ def _compare(model, **opts):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_grouped_mm_experts_matched_and_numerics_equal(family):
+def test_grouped_mm_experts_matched_and_numerics_equal(family, monkeypatch):
+    calls = []
+    real = moe_kernels._bwd_act
+    monkeypatch.setattr(moe_kernels, "_bwd_act", lambda *a: (calls.append(a[-1] is not None), real(*a))[1])
     report, grads = _compare(tiny_moe_model(family))
+    assert calls and not any(calls)  # by default the backward recomputes the projection (issue 4)
     assert {r.location for r in report.matched("moe")} == {EXPERTS}
     assert all("(grouped)" in r.reason and "act=silu" in r.reason for r in report.matched("moe"))
     assert not report.rejected("moe")
@@ -70,6 +74,24 @@ def test_grouped_mm_experts_matched_and_numerics_equal(family):
     assert len(routers) == 2  # the router gradients were compared too
     if family == "qwen2_moe":
         assert sum(n.endswith("shared_expert_gate.weight") for n in grads) == 2
+
+
+@pytest.mark.parametrize("family,opts,kept", [
+    ("qwen3_moe", dict(moe_keep_projection=True), True),
+    ("mixtral", dict(memory="none"), True),  # the policy that recomputes nothing keeps it by default
+    ("qwen3_moe", dict(memory="none", moe_keep_projection=False), False),
+])
+def test_kept_projection_matched_and_numerics_equal(family, opts, kept, monkeypatch):
+    """moe_keep_projection: the pass emits moe_experts_saving (the projection kept for the backward) or the
+    recomputing op as asked; loss and every LoRA and router gradient equal the unoptimized model's."""
+    calls = []
+    real = moe_kernels._bwd_act
+    monkeypatch.setattr(moe_kernels, "_bwd_act", lambda *a: (calls.append(a[-1] is not None), real(*a))[1])
+    report, grads = _compare(tiny_moe_model(family), **opts)
+    assert {r.location for r in report.matched("moe")} == {EXPERTS}
+    assert calls and all(c == kept for c in calls)  # every backward read the kept projection, or none did
+    assert all(("projection kept" in r.reason) == kept for r in report.matched("moe"))
+    assert sum(n.endswith("mlp.gate.weight") for n in grads) == 2
 
 
 def test_one_match_per_layer_without_regional_compilation():
