@@ -154,12 +154,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_act_kernel(
-        X, DY, GU, D, PERM, WTS, DGU, HW, DWP, OFFS, GU_IN,
+        X, DY, GU, D, PERM, WTS, DGU, HW, DWP, OFFS,
         E, I, H, TOPK, S_BUCKET,
         stride_xm, stride_xk, stride_dym, stride_dyk, stride_ge, stride_gk, stride_gn,
-        stride_de, stride_dk, stride_dn, stride_dgum, stride_dgun, stride_hwm, stride_hwn, stride_dwpm, stride_gim,
+        stride_de, stride_dk, stride_dn, stride_dgum, stride_dgun, stride_hwm, stride_hwn, stride_dwpm,
         ACT: tl.constexpr, NEED_Q: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr,
-        STORE_DW: tl.constexpr, SAVED_GU: tl.constexpr, PRECISION: tl.constexpr,
+        STORE_DW: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """Per sorted row r (token t = PERM[r] // TOPK, weight w = WTS[PERM[r]]) and column tile of I, one pass
@@ -167,9 +167,7 @@ if triton is not None:
         [H, 2I]) and q = dy_t @ D[e][:, c] (D[e] read as [H, I]). Epilogue, with h = act(gate) * up:
           DWP[PERM[r], pid_n] = sum_c q * h                (partial d w, summed over column tiles after)
           DGU[r, c] = w q up act'(gate), DGU[r, I + c] = w q act(gate)
-          HW[r, c] = w h
-        SAVED_GU: gate and up are read from GU_IN (the forward's, by sorted row) instead of recomputed: the pass
-        over H then only forms q."""
+          HW[r, c] = w h"""
         eids, lo, hi, tiles, ends = _expert_tiles(OFFS, E, BLOCK_M, BLOCK_E)
         n_col = tl.cdiv(I, BLOCK_N)
         total = tl.sum(tiles, 0) * n_col
@@ -195,11 +193,10 @@ if triton is not None:
                 k_left = H - k * BLOCK_K
                 kmask_a = rk[None, :] < k_left
                 kmask_b = rk[:, None] < k_left
-                if not SAVED_GU:
-                    xa = tl.load(x_ptrs, mask=kmask_a, other=0.0).to(GU.dtype.element_ty)
-                    gate = tl.dot(xa, tl.load(g_ptrs, mask=kmask_b, other=0.0), gate, input_precision=PRECISION)
-                    up = tl.dot(xa, tl.load(g_ptrs + I * stride_gn, mask=kmask_b, other=0.0), up,
-                                input_precision=PRECISION)
+                xa = tl.load(x_ptrs, mask=kmask_a, other=0.0).to(GU.dtype.element_ty)
+                gate = tl.dot(xa, tl.load(g_ptrs, mask=kmask_b, other=0.0), gate, input_precision=PRECISION)
+                up = tl.dot(xa, tl.load(g_ptrs + I * stride_gn, mask=kmask_b, other=0.0), up,
+                            input_precision=PRECISION)
                 if NEED_Q:
                     dya = tl.load(dy_ptrs, mask=kmask_a, other=0.0).to(D.dtype.element_ty)
                     q = tl.dot(dya, tl.load(d_ptrs, mask=kmask_b, other=0.0), q, input_precision=PRECISION)
@@ -211,10 +208,6 @@ if triton is not None:
             col_ok = cols < I
             mask = row_ok[:, None] & col_ok[None, :]
             r64 = rows.to(tl.int64)
-            if SAVED_GU:
-                gi_ptrs = GU_IN + r64[:, None] * stride_gim + cols[None, :]
-                gate = tl.load(gi_ptrs, mask=mask, other=0.0).to(tl.float32)
-                up = tl.load(gi_ptrs + I, mask=mask, other=0.0).to(tl.float32)
             a, da = _act(gate, ACT)
             h = a * up
             w = tl.load(WTS + slot).to(tl.float32)[:, None]
@@ -229,6 +222,46 @@ if triton is not None:
                 dgu_ptrs = DGU + r64[:, None] * stride_dgum + cols[None, :] * stride_dgun
                 tl.store(dgu_ptrs, (dh * up * da).to(DGU.dtype.element_ty), mask=mask)
                 tl.store(dgu_ptrs + I * stride_dgun, (dh * a).to(DGU.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _saved_act_bwd_kernel(
+        Q, GU_IN, PERM, WTS, DGU, HW, DWP,
+        S, I,
+        stride_qm, stride_gim, stride_dgum, stride_hwm, stride_dwpm,
+        ACT: tl.constexpr, NEED_Q: tl.constexpr, STORE_DGU: tl.constexpr, STORE_HW: tl.constexpr,
+        STORE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """_bwd_act_kernel's epilogue when the forward kept its projection: per sorted row r (weight w =
+        WTS[PERM[r]]), with q = Q[r] (dy_t @ D_e, formed before by the rows GEMM) and gate, up = GU_IN[r]:
+          DWP[PERM[r], 0] = sum_c q * h,  DGU[r] = [w q up act'(gate), w q act(gate)],  HW[r] = w h.
+        A program walks its rows' whole width, so the d w sum is complete (one column). Unit column strides."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < S
+        r64 = rows.to(tl.int64)
+        slot = tl.load(PERM + rows, mask=row_ok, other=0).to(tl.int64)
+        w = tl.load(WTS + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        part = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, I, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols < I)[None, :]
+            gi_ptrs = GU_IN + r64[:, None] * stride_gim + cols[None, :]
+            gate = tl.load(gi_ptrs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(gi_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+            a, da = _act(gate, ACT)
+            h = a * up
+            if NEED_Q:
+                q = tl.load(Q + r64[:, None] * stride_qm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if STORE_DW:
+                    part += tl.sum(q * h, 1)  # masked entries: q = 0
+                if STORE_DGU:
+                    dh = w * q
+                    dgu_ptrs = DGU + r64[:, None] * stride_dgum + cols[None, :]
+                    tl.store(dgu_ptrs, (dh * up * da).to(DGU.dtype.element_ty), mask=mask)
+                    tl.store(dgu_ptrs + I, (dh * a).to(DGU.dtype.element_ty), mask=mask)
+            if STORE_HW:
+                tl.store(HW + r64[:, None] * stride_hwm + cols[None, :], (w * h).to(HW.dtype.element_ty), mask=mask)
+        if STORE_DW:
+            tl.store(DWP + slot * stride_dwpm, part, mask=row_ok)
 
     @triton.jit
     def _wgrad_kernel(
@@ -332,6 +365,7 @@ if triton is not None:
                 _bwd_act_kernel), _BWD_CONFIGS[2]),
             "wgrad": (_wgrad_kernel, triton.autotune(_WGRAD_CONFIGS, key=["M", "N", "S_BUCKET", "GATHER_A"])(
                 _wgrad_kernel), _WGRAD_CONFIGS[3]),
+            "saved_act": (_saved_act_bwd_kernel, None, {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 4}),
         }
     else:
         # One small config per kernel: the interpreter is slow (its cost is per tile, not per element) and
@@ -341,6 +375,7 @@ if triton is not None:
             "rows": (_rows_kernel, None, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
             "bwd": (_bwd_act_kernel, None, {"BLOCK_M": 16, "BLOCK_N": _BWD_BLOCK_N, "BLOCK_K": 32}),
             "wgrad": (_wgrad_kernel, None, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}),
+            "saved_act": (_saved_act_bwd_kernel, None, {"BLOCK_M": 16, "BLOCK_N": 16}),
         }
 
 # On CUDA each kernel is autotuned per shape (a few seconds the first time a shape is seen). Tests that sweep
@@ -477,15 +512,26 @@ def _bwd_act(x, dy, gate_up, down, perm, wts, offs, topk, act, dgu, hw, dwp, sav
     dummy = x  # pointers of outputs that are not stored are never read
     dgu_t, hw_t, dwp_t = (dgu if dgu is not None else dummy), (hw if hw is not None else dummy), \
         (dwp if dwp is not None else dummy)
+    flags = dict(ACT=ACTIVATIONS.index(act), NEED_Q=need_q, STORE_DGU=dgu is not None, STORE_HW=hw is not None,
+                 STORE_DW=dwp is not None)
+    if saved_gu is not None:
+        # q = dy_t @ D_e by the rows GEMM (the forward's down-projection kernel, gathered rows, fp32 out), then
+        # the epilogue as an elementwise pass: a plain GEMM, tiled as one (the fused kernel's three-accumulator
+        # tiles left this GEMM alone at 169 TFLOP/s on an H200)
+        q = _new_output((S, I), torch.float32, x.device) if need_q else dummy
+        if need_q:
+            _rows_gemm(dy, down, q, perm, offs, topk, gather_a=True, scatter_out=False)
+        gi = saved_gu.contiguous()
+        args = (q, gi, perm, wts, dgu_t, hw_t, dwp_t, S, I, q.stride(0), gi.stride(0), dgu_t.stride(0),
+                hw_t.stride(0), dwp_t.stride(0))
+        _launch("saved_act", lambda meta: (triton.cdiv(S, meta["BLOCK_M"]),), args, flags, x.device)
+        return
     gu_kn = gate_up.transpose(1, 2)  # [E, H, 2I]
-    gi_t = saved_gu if saved_gu is not None else dummy
-    args = (x, dy, gu_kn, down, perm, wts, dgu_t, hw_t, dwp_t, offs, gi_t, E, I, H, topk, _s_bucket(S),
+    args = (x, dy, gu_kn, down, perm, wts, dgu_t, hw_t, dwp_t, offs, E, I, H, topk, _s_bucket(S),
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), gu_kn.stride(0), gu_kn.stride(1), gu_kn.stride(2),
             down.stride(0), down.stride(1), down.stride(2), dgu_t.stride(0), dgu_t.stride(1),
-            hw_t.stride(0), hw_t.stride(1), dwp_t.stride(0), gi_t.stride(0))
-    flags = dict(ACT=ACTIVATIONS.index(act), NEED_Q=need_q, STORE_DGU=dgu is not None, STORE_HW=hw is not None,
-                 STORE_DW=dwp is not None, SAVED_GU=saved_gu is not None, PRECISION=_precision(gate_up.dtype),
-                 BLOCK_E=_block_e(E))
+            hw_t.stride(0), hw_t.stride(1), dwp_t.stride(0))
+    flags.update(PRECISION=_precision(gate_up.dtype), BLOCK_E=_block_e(E))
     cap = _max_programs(x.device)
 
     def grid(meta):
@@ -617,7 +663,8 @@ def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: 
     need_dgu_rows = need_dx or need_dgate_up
     dgu = _new_output((S, 2 * I), gate_up.dtype, dev) if need_dgu_rows else None
     hw = _new_output((S, I), down.dtype, dev) if need_ddown else None
-    n_col = triton.cdiv(I, _BWD_BLOCK_N) if _use_triton(x, gate_up) else 1
+    # d w partials: one per column tile of the fused kernel; the kept-projection path sums whole rows
+    n_col = triton.cdiv(I, _BWD_BLOCK_N) if _use_triton(x, gate_up) and saved_gate_up is None else 1
     dwp = _new_output((S, n_col), torch.promote_types(gate_up.dtype, torch.float32), dev) if need_dw else None
     if need_dgu_rows or need_ddown or need_dw:
         _bwd_act(x, dy, gate_up, down, perm, wts, offs, k, activation, dgu, hw, dwp, saved_gate_up)
