@@ -30,6 +30,10 @@ grouped_mm path keeps S*(2H + 3I): gathered x, projection, h and the down output
      gate and up (recomputed from x) and q = dy_t @ D_e. Its epilogue forms h = act(gate) * up, the routing
      weight's gradient partials sum_i q*h (one per column tile, summed after: deterministic), and
      dgate = w q up act'(gate), dup = w q act(gate) [S, 2I], and w*h [S, I] for dD.
+     From hidden size ROWS_GEMM_RECOMPUTE_MIN_H on, the projection is instead recomputed by the rows GEMM
+     into a buffer freed when the backward ends, and q by another rows GEMM; the epilogue then runs as an
+     elementwise pass over whole rows (the same path as a projection kept by the forward, see
+     moe_experts_saving / OptimizeConfig.moe_keep_projection).
   4. dD_e = sum_rows dy_t^T (w h) and dGU_e = sum_rows [dgate, dup]^T x_t: grouped "weight-gradient" GEMMs
      (one tile grid over the expert's fixed output, the reduction runs over the expert's rows).
   5. dx: [dgate, dup] @ GU_e into the (token, slot) buffer, summed over k.
@@ -381,6 +385,10 @@ if triton is not None:
 # On CUDA each kernel is autotuned per shape (a few seconds the first time a shape is seen). Tests that sweep
 # many shapes turn this off and get one fixed config per kernel.
 AUTOTUNE = True
+# From this hidden size on, the backward recomputes the gate_up projection with the rows GEMM into a buffer freed
+# at the end of the backward (the fused three-accumulator kernel below it; measured on an H200, one sample each:
+# faster at moe-big's H 2048, slower at moe's H 1024).
+ROWS_GEMM_RECOMPUTE_MIN_H = 2048
 
 
 def _launch(name: str, grid, args, flags, device) -> None:
@@ -646,6 +654,12 @@ def _(x, topk_ids, topk_weights, gate_up, down, activation):
             x.new_empty((x.shape[0] * topk_ids.shape[1], gate_up.shape[1]), dtype=gate_up.dtype))
 
 
+def _recompute_gate_up(x, gate_up, perm, offs, topk):
+    """The projection [S, 2I] by sorted row, as the forward's kept one (a plain rows GEMM, gathered x rows)."""
+    out = _new_output((perm.shape[0], gate_up.shape[1]), gate_up.dtype, x.device)
+    return _rows_gemm(x, gate_up.transpose(1, 2), out, perm, offs, topk, gather_a=True, scatter_out=False)
+
+
 @torch.library.custom_op("fxopt::moe_experts_backward", mutates_args=())
 @with_fallback
 def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up: Tensor,
@@ -663,6 +677,11 @@ def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: 
     need_dgu_rows = need_dx or need_dgate_up
     dgu = _new_output((S, 2 * I), gate_up.dtype, dev) if need_dgu_rows else None
     hw = _new_output((S, I), down.dtype, dev) if need_ddown else None
+    if saved_gate_up is None and H >= ROWS_GEMM_RECOMPUTE_MIN_H and _use_triton(x, gate_up):
+        # recompute the projection by the rows GEMM into a buffer that lives only in this backward, then run
+        # the kept-projection path (H200: moe-big 102,910 -> 106,768 tokens/s, +0.2 GiB; moe, H 1024, was
+        # faster with the fused kernel: 425,016 against 413,872)
+        saved_gate_up = _recompute_gate_up(x, gate_up, perm, offs, k)
     # d w partials: one per column tile of the fused kernel; the kept-projection path sums whole rows
     n_col = triton.cdiv(I, _BWD_BLOCK_N) if _use_triton(x, gate_up) and saved_gate_up is None else 1
     dwp = _new_output((S, n_col), torch.promote_types(gate_up.dtype, torch.float32), dev) if need_dw else None

@@ -265,3 +265,16 @@ def test_saving_backward_reads_the_kept_projection(monkeypatch):
     kept.data.mul_(2.0)  # the backward must read what the forward kept
     dx2 = torch.autograd.grad(y, x, torch.ones_like(y))[0]
     assert rel(dx2, want) > 0.1
+
+
+@pytest.mark.parametrize("saving", [False, True], ids=["recompute", "saving"])
+def test_rows_gemm_recompute(monkeypatch, saving):
+    """ROWS_GEMM_RECOMPUTE_MIN_H: a backward that recomputes the projection by the rows GEMM (the wide-hidden
+    path, taken here at every H) gives the reference's gradients, with and without a kept projection."""
+    monkeypatch.setattr(mk, "ROWS_GEMM_RECOMPUTE_MIN_H", 0)
+    seen = []
+    real = mk._recompute_gate_up
+    monkeypatch.setattr(mk, "_recompute_gate_up", lambda *a: (seen.append(1), real(*a))[1])
+    run_case(19, 33, 35, 8, 3, torch.float32, torch.float32, "silu", saving=saving)
+    run_case(7, 16, 16, 64, 8, torch.float16, torch.float32, "gelu", routing="same_k", noncontig=True, saving=saving)
+    assert len(seen) == (0 if saving else 2)  # a kept projection is never recomputed
