@@ -333,3 +333,12 @@ def test_lora_on_experts_by_target_parameters():
     report, grads = _compare(model)
     assert report.matched("moe") and not report.rejected("moe"), report.records
     assert sum("mlp.experts" in n and "lora_" in n for n in grads) == 8  # A and B of both weights, 2 layers
+
+
+def test_keep_projection_option_validated_and_resolved():
+    with pytest.raises(TypeError, match="moe_keep_projection"):
+        fxopt.OptimizeConfig(moe_keep_projection="yes")
+    assert not fxopt.OptimizeConfig().keeps_moe_projection  # the default recomputes (issue 4's memory rule)
+    assert fxopt.OptimizeConfig(memory="none").keeps_moe_projection
+    assert not fxopt.OptimizeConfig(memory="none", moe_keep_projection=False).keeps_moe_projection
+    assert fxopt.OptimizeConfig(moe_keep_projection=True).keeps_moe_projection
