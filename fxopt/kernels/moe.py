@@ -30,7 +30,7 @@ grouped_mm path keeps S*(2H + 3I): gathered x, projection, h and the down output
      gate and up (recomputed from x) and q = dy_t @ D_e. Its epilogue forms h = act(gate) * up, the routing
      weight's gradient partials sum_i q*h (one per column tile, summed after: deterministic), and
      dgate = w q up act'(gate), dup = w q act(gate) [S, 2I], and w*h [S, I] for dD.
-     From hidden size ROWS_GEMM_RECOMPUTE_MIN_H on (off by default), the projection is instead recomputed by the rows GEMM
+     From hidden size ROWS_GEMM_RECOMPUTE_MIN_H (2048) on, the projection is instead recomputed by the rows GEMM
      into a buffer freed when the backward ends, and q by another rows GEMM; the epilogue then runs as an
      elementwise pass over whole rows (the same path as a projection kept by the forward, see
      moe_experts_saving / OptimizeConfig.moe_keep_projection).
@@ -386,12 +386,10 @@ if triton is not None:
 # many shapes turn this off and get one fixed config per kernel.
 AUTOTUNE = True
 # From this hidden size on, the backward recomputes the gate_up projection with the rows GEMM into a buffer freed
-# at the end of the backward (the fused three-accumulator kernel below it). Measured on an H200, one sample each:
-# faster at moe-big's H 2048 (102,910 -> 106,768 tokens/s in one call; 104,982 in another), slower at moe's H 1024.
-# Off (no model has this hidden size) until its cold first step is measured against the fused kernel's in one
-# call: the only cold run of it took 44.6 s where the fused kernel's took 32-34 s on other machines (moe-big's
-# target is 40 s), and it compiles two or three kernels more.
-ROWS_GEMM_RECOMPUTE_MIN_H = 1 << 40
+# at the end of the backward (the fused three-accumulator kernel below it). Measured on H200s, within one call each:
+# moe-big (H 2048) 102,910 -> 106,768 tokens/s (s16d) and, both with cold caches, 102,948 -> 108,376 at a first step
+# of 35.3 s both (s17b; +0.2 GiB peak); moe (H 1024) slower, 425,016 -> 413,872 (s16d).
+ROWS_GEMM_RECOMPUTE_MIN_H = 2048
 
 
 def _launch(name: str, grid, args, flags, device) -> None:
@@ -682,8 +680,7 @@ def moe_experts_backward(dy: Tensor, x: Tensor, topk_ids: Tensor, topk_weights: 
     hw = _new_output((S, I), down.dtype, dev) if need_ddown else None
     if saved_gate_up is None and H >= ROWS_GEMM_RECOMPUTE_MIN_H and _use_triton(x, gate_up):
         # recompute the projection by the rows GEMM into a buffer that lives only in this backward, then run
-        # the kept-projection path (H200: moe-big 102,910 -> 106,768 tokens/s, +0.2 GiB; moe, H 1024, was
-        # faster with the fused kernel: 425,016 against 413,872). Off by default: see the constant.
+        # the kept-projection path (faster from H 2048 on, slower at H 1024: see the constant)
         saved_gate_up = _recompute_gate_up(x, gate_up, perm, offs, k)
     # d w partials: one per column tile of the fused kernel; the kept-projection path sums whole rows
     n_col = triton.cdiv(I, _BWD_BLOCK_N) if _use_triton(x, gate_up) and saved_gate_up is None else 1
