@@ -14,6 +14,8 @@
     fxopt_compute_dtype   fxopt.optimize(model, frozen_fp32="compute_dtype") (qlora: the recipe's fp32 upcast undone)
     fxopt_moe_keep        fxopt.optimize(model, moe_keep_projection=True) (MoE: the experts' projection kept for the
                           backward instead of recomputed)
+    fxopt_serial / fxopt_compute_dtype_serial   as fxopt / fxopt_compute_dtype with compile_threads=0 (each kernel
+                          compiled at its first launch: what fxopt.precompile saves of the first step)
 
 One step = forward with labels (the model computes the loss), backward, AdamW step, zero_grad. Reported per
 (workload, setup): first-step seconds (includes compilation), then the median of --steps timed steps after
@@ -83,8 +85,10 @@ NO_PASS_SETUPS = ["fxopt_no_attention", "fxopt_no_swiglu"]  # fxopt with that pa
 MEMORY_SETUPS = ["fxopt_none", "fxopt_norms", "fxopt_recompute", "fxopt_offload"]  # fxopt with that memory policy
 # fxopt with frozen_fp32="compute_dtype": the QLoRA recipe's fp32-upcast frozen parameters back in bf16
 PRECISION_SETUPS = ["fxopt_compute_dtype"]
+# fxopt with compile_threads=0: each kernel compiled at its first launch, one by one (the first step's difference)
+SERIAL_SETUPS = ["fxopt_serial", "fxopt_compute_dtype_serial"]
 SETUPS = (["eager", "eager_compute_dtype", "compile", "liger", "liger_compile", "fxopt", "fxopt_no_cudagraphs"]
-          + NO_PASS_SETUPS + MEMORY_SETUPS + PRECISION_SETUPS + ["fxopt_moe_keep"])
+          + NO_PASS_SETUPS + MEMORY_SETUPS + PRECISION_SETUPS + ["fxopt_moe_keep"] + SERIAL_SETUPS)
 BASELINE_SETUPS = ["eager", "compile", "liger", "liger_compile"]  # "best baseline" = the fastest of these
 
 # Liger-Kernel 0.8.5 public API: one apply_liger_kernel_to_<family>(rope, cross_entropy,
@@ -226,10 +230,12 @@ def worker(args, res: dict) -> None:
         extra = {"disable": (args.setup[len("fxopt_no_"):],)} if args.setup in NO_PASS_SETUPS else {}
         if args.setup in MEMORY_SETUPS:  # fxopt_<policy>: the memory policy's cost and saving
             extra = {"memory": args.setup[len("fxopt_"):]}
-        if args.setup in PRECISION_SETUPS:
+        if args.setup.removesuffix("_serial") in PRECISION_SETUPS:
             extra = {"frozen_fp32": "compute_dtype"}
         if args.setup == "fxopt_moe_keep":
             extra = {"moe_keep_projection": True}
+        if args.setup in SERIAL_SETUPS:
+            extra["compile_threads"] = 0
         model = fxopt.optimize(model, cudagraphs=args.setup != "fxopt_no_cudagraphs", **extra)
     res["build_s"] = time.perf_counter() - t0
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fxopt.cache_key import JointPostPass
+from fxopt import precompile
 from fxopt.config import OptimizeConfig
 from fxopt.passes import PASSES
 from fxopt.passes.canonicalize import canonicalize
@@ -143,6 +144,15 @@ def make_backend(config: OptimizeConfig | None = None, report: Report | None = N
         if why:
             cudagraphs = False
             report.note(f"{why}: graphs compile without CUDA graphs")
+        if block_graph and records and config.compile_threads != 0:
+            # the blocks' kernels compile side by side now, not one by one at their first launch. Block graphs
+            # only: they hold most kernels and compile before the first forward; the stand-in calls' buffers
+            # would add to the step's peak in the outer graph compiled after the blocks' forward (the loss).
+            warmed = precompile.warm_graph(gm, example_inputs, config.compile_threads)
+            if warmed and config.verbose:
+                print(f"fxopt: {graph_name}: compiled {warmed['kernels']} kernels of {warmed['ops']} ops in "
+                      f"{warmed['seconds']} s ahead of the first run" + (
+                          f"; not warmed: {warmed['skipped']}" if warmed["skipped"] else ""))
         joint = joint_pass(config) if block_graph else None
         return _inner(config.inner_backend, cudagraphs, joint)(gm, example_inputs)
 

@@ -60,6 +60,9 @@ class OptimizeConfig:
                    one GEMM of the activation backward's three, for that tensor per MoE layer (moe-big: ~200 MiB
                    per layer, +2.2 GiB peak, +6.6% tokens/s on an H200). None (default): keep it only under
                    memory="none", the policy that recomputes nothing.
+    compile_threads: threads that compile the Triton kernels of each decoder-block graph side by side, ahead
+                   of the graph's first run (fxopt.precompile: a cold first step compiled them one by one where
+                   each was first launched). None (default): min(8, CPUs - 1); 0: off.
     frozen_fp32:   a bitsandbytes 4-bit model prepared by peft's prepare_model_for_kbit_training has its other
                    parameters (norms, embedding, lm_head) upcast to fp32, so the residual stream, attention
                    and the loss run in fp32 (most of a QLoRA step's time). "keep" (default) computes as the
@@ -82,6 +85,7 @@ class OptimizeConfig:
     memory: str = "norms"
     frozen_fp32: str = "keep"
     moe_keep_projection: bool | None = None
+    compile_threads: int | None = None
 
     def __post_init__(self):
         from fxopt.passes import pass_names
@@ -109,6 +113,11 @@ class OptimizeConfig:
         if self.moe_keep_projection is not None and not isinstance(self.moe_keep_projection, bool):
             raise TypeError(f"OptimizeConfig.moe_keep_projection must be True, False or None, "
                             f"got {self.moe_keep_projection!r}")
+        if self.compile_threads is not None and (isinstance(self.compile_threads, bool)
+                                                 or not isinstance(self.compile_threads, int)
+                                                 or self.compile_threads < 0):
+            raise ValueError(f"OptimizeConfig.compile_threads must be None or an int >= 0 (0: off), "
+                             f"got {self.compile_threads!r}")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"OptimizeConfig.dynamic must be True, False or None, got {self.dynamic!r}")
 

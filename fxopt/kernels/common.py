@@ -3,6 +3,7 @@ TRITON_INTERPRET=1), where their outputs come from, and how they are launched.""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -133,12 +134,41 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+_WARMING: contextvars.ContextVar = contextvars.ContextVar("fxopt_warming", default=None)  # see warming()
+
+
+@contextlib.contextmanager
+def warming(sink: list):
+    """Inside: every `launch` of this thread compiles its kernel without running it (Triton's `warmup`, one per
+    config the autotuner would try) and appends what the warmup returns to `sink`. For fxopt.precompile only:
+    outputs of the skipped kernels stay unwritten. Other threads (autograd's backward among them) launch as
+    usual."""
+    token = _WARMING.set(sink)
+    try:
+        yield sink
+    finally:
+        _WARMING.reset(token)
+
+
+def _warm(kernel, tuned, args, flags: dict, fixed: dict) -> list:
+    if tuned is not None and not DETERMINISTIC:
+        return list(tuned.warmup(*args, grid=(1,), **flags))
+    if tuned is not None:
+        cfg = tuned.configs[0]
+        fixed = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return [kernel.warmup(*args, grid=(1,), **flags, **fixed)]
+
+
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
     config of the tuning list: the same every run. Every Triton kernel of fxopt is launched through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
+        sink = _WARMING.get()
+        if sink is not None:
+            sink.extend(_warm(kernel, tuned, args, flags, fixed))
+            return
         if tuned is not None and DETERMINISTIC:
             cfg = tuned.configs[0]
             fn, meta = kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

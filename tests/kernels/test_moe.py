@@ -210,6 +210,7 @@ def test_fake_shapes():
     dict(T=300, H=256, I=128, E=16, k=1, routing="single"),  # every token to one expert
     dict(T=1, H=2048, I=768, E=64, k=8),  # one token, 56 experts empty
     dict(T=1000, H=128, I=96, E=64, k=8, routing="same_k"),
+    dict(T=256, H=2048, I=768, E=64, k=8),  # the moe-big layer: the backward recomputes by the rows GEMM
 ])
 @pytest.mark.parametrize("saving", [False, True], ids=["recompute", "saving"])
 def test_bf16_gpu(dims, w_dtype, saving):
