@@ -5,7 +5,7 @@ H200 (2026-11-29, s17b), of a dense-workload first step of 33.8 s, 14.9 s went t
 process and 4.3 s to building 22 C launchers with gcc. Most of that runs outside the GIL (MLIR and LLVM passes
 in native code, ptxas and gcc as subprocesses), so it can run in threads at once.
 
-`warm_graph` calls each fxopt op of a graph once, forward only, on stand-in inputs (the graph's own
+`warm_graph` calls each fxopt op of a graph once, forward and backward, on stand-in inputs (the graph's own
 inputs where an op reads one, zeros shaped like the recorded example value elsewhere), inside
 `common.warming`: every Triton launch becomes a `warmup` (compile without running) submitted to a thread pool
 through Triton's AsyncCompileMode; then each compiled kernel's launcher is built in the same pool. The first
@@ -17,6 +17,7 @@ at run time) is compiled at its first launch, as without it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 
@@ -58,7 +59,8 @@ def _stand_in(node: fx.Node, gm: fx.GraphModule, inputs: dict):
         return t.requires_grad_(v.requires_grad and v.is_floating_point())
     if not isinstance(t, torch.Tensor):
         return t
-    # requires_grad as the real call has it (an op's forward may depend on it), detached from the model's graph
+    # requires_grad as the real call has it, detached from the model's graph (autograd.grad of the stand-in
+    # call accumulates nothing into the model's .grad either)
     return t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
 
 
@@ -79,14 +81,29 @@ def _args(a, gm, inputs):
     return a
 
 
+def _flat_tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat_tensors(v)]
+    return []
+
+
 def _call(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> None:
-    """The op's forward, as training runs it (its autograd record is dropped). (Its backward is not warmed: on an H200 the stand-in backward's
-    kernels were specialised otherwise than the real backward's, which Inductor feeds other layouts, and all
-    11 of the dense block's were compiled again at the first backward.)"""
+    """The op's forward as training runs it, then its backward from zero output gradients into every input that
+    requires grad. Autograd runs a CUDA backward on a thread of its own: there the launches of this graph's
+    nodes are warmed too (common.warming's backward_of), but outside Triton's AsyncCompileMode (a context
+    variable of the calling thread), so those compile one by one; their launchers are still built in the pool."""
     args = _args(node.args, gm, inputs)
     kwargs = _args(node.kwargs, gm, inputs)
+    sink = common._WARMING.get()
     with torch.enable_grad():
-        node.target(*args, **kwargs)
+        out = node.target(*args, **kwargs)
+    leaves = [t for t in _flat_tensors((args, kwargs)) if t.requires_grad]
+    outs = [t for t in _flat_tensors(out) if t.requires_grad]
+    if leaves and outs:
+        with common.warming(sink, backward_of=outs) if sink is not None else contextlib.nullcontext():
+            torch.autograd.grad(outs, leaves, [torch.zeros_like(t) for t in outs], allow_unused=True)
 
 
 def _build_launcher(kernel) -> None:
@@ -96,7 +113,7 @@ def _build_launcher(kernel) -> None:
 
 
 def warm_graph(gm: fx.GraphModule, example_inputs, threads: int | None = None) -> dict:
-    """Compile, in `threads` threads, the Triton kernels the fxopt ops of `gm` launch in their forward.
+    """Compile, in `threads` threads, the Triton kernels the fxopt ops of `gm` launch in forward and backward.
     Returns what it did (ops called, ops skipped, kernels compiled, seconds), or {} where it does not apply
     (no CUDA input, no Triton, a Triton without AsyncCompileMode)."""
     threads = default_threads() if threads is None else threads

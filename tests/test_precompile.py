@@ -1,8 +1,9 @@
-"""fxopt.precompile: the forward kernels of a block graph compiled side by side before its first run.
+"""fxopt.precompile: the kernels of a block graph compiled before its first run.
 
 On the CPU there is nothing to compile (warm_graph returns {}), so the pieces are tested apart: launches under
-`common.warming` compile and never run; the stand-in calls reach every fxopt op of real block graphs without
-touching the model's gradients. The GPU test checks the whole path."""
+`common.warming` compile and never run, in the calling thread and in the warmed graph's backward on another;
+the stand-in calls reach every fxopt op of real block graphs (forward and backward) without touching the
+model's gradients. The GPU test checks the whole path."""
 import threading
 
 import pytest
@@ -56,6 +57,51 @@ def test_warming_is_per_thread():
     assert seen == [None]
 
 
+class LaunchesInBackward(torch.autograd.Function):
+    kernel = None
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        common.launch(LaunchesInBackward.kernel, None, lambda meta: (1,), (g,), {}, {}, torch.device("cpu"))
+        return g * 2
+
+
+def in_thread(fn):
+    """fn() on another thread (as autograd runs a CUDA backward); returns its exception, if any."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except Exception as e:
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return errors[0] if errors else None
+
+
+def test_warming_reaches_the_backward_on_another_thread():
+    """A launch on another thread warms only inside the autograd nodes of the tensors named: there it compiles
+    and does not run; any other launch there, and every launch after the context, runs for real."""
+    LaunchesInBackward.kernel, sink = FakeKernel(), []
+    x = torch.ones(3, requires_grad=True)
+    y = LaunchesInBackward.apply(x)
+    with common.warming(sink, backward_of=[y]):
+        assert in_thread(lambda: torch.autograd.grad(y, x, torch.ones(3), retain_graph=True)) is None
+        other = in_thread(lambda: common.launch(FakeKernel(), None, lambda m: (1,), (), {}, {}, torch.device("cpu")))
+        assert isinstance(other, AssertionError)  # not a node of the warmed graph: launched
+        y2 = LaunchesInBackward.apply(x)  # a graph made after the context was entered is not warmed either
+        assert isinstance(in_thread(lambda: torch.autograd.grad(y2, x, torch.ones(3))), AssertionError)
+    assert sink == ["compiled 1"] and len(LaunchesInBackward.kernel.warmups) == 1
+    assert isinstance(in_thread(lambda: torch.autograd.grad(y, x, torch.ones(3))), AssertionError)
+    assert common._WARMING.get() is None and common._WARMING_BACKWARD is None
+
+
 BLOCK_OPS = {"flash_attention", "lora_linear", "rms_norm"}
 
 
@@ -64,7 +110,7 @@ BLOCK_OPS = {"flash_attention", "lora_linear", "rms_norm"}
                          ids=["llama", "qwen3_moe"])
 def test_stand_ins_reach_every_op_of_the_block_graph(monkeypatch, make, ops):
     """The stand-in calls (here run for real: the CPU has no compile to warm) cover every fxopt op of the block
-    graph and leave the model's training exactly as without them."""
+    graph, forward and backward, and leave the model's training exactly as without them."""
     calls = []
 
     def record(gm, example_inputs, threads=None):
@@ -98,39 +144,44 @@ def test_nothing_to_warm_on_cpu():
 
 @pytest.mark.gpu
 def test_block_kernels_compiled_before_the_first_run():
-    """On the GPU: the block graph's forward kernels compile in the pool's threads, not at their first launch,
-    and training is the same as with compile_threads=0."""
+    """On the GPU: the attention kernels, forward and backward (they live in the block only), are compiled
+    while the block graph is warmed, never at their first real launch; training is the same as with
+    compile_threads=0."""
     import triton
 
-    compiled = []
+    compiled, warming = [], [0]
     real = triton.compiler.compile
 
     def counting(src, *a, **k):
         fn = getattr(src, "fn", None)
-        compiled.append((getattr(fn, "__module__", ""), getattr(fn, "__name__", ""), threading.current_thread().name))
+        compiled.append((getattr(fn, "__name__", ""), warming[0] > 0))
         return real(src, *a, **k)
+
+    def warm(*a, **k):
+        warming[0] += 1
+        try:
+            warmed.append(real_warm(*a, **k))
+        finally:
+            warming[0] -= 1
+        return warmed[-1]
 
     torch._dynamo.reset()
     mp = pytest.MonkeyPatch()
     mp.setattr(triton.compiler, "compile", counting)
-    warmed = []
-    real_warm = precompile.warm_graph
-    mp.setattr(precompile, "warm_graph", lambda *a, **k: warmed.append(real_warm(*a, **k)) or warmed[-1])
+    warmed, real_warm = [], precompile.warm_graph
+    mp.setattr(precompile, "warm_graph", warm)
     try:
-        model = tiny_lora_model("llama", dtype=torch.bfloat16).cuda()
+        model = tiny_lora_model("llama", dtype=torch.bfloat16, seed=7).cuda()
         ref = twin(model)
         # without CUDA graphs: the two models' steps alternate, and a replay would overwrite the other's loss
         fxopt.optimize(model, compile_threads=4, cudagraphs=False)
         fxopt.optimize(ref, compile_threads=0, cudagraphs=False)
-        b = {k: v.cuda() for k, v in batch(seq=64, bsz=4).items()}
+        b = {k: v.cuda() for k, v in batch(seq=72, bsz=3).items()}  # shapes no other test compiles for
         assert_same_training(model, ref, b, tol=1e-2)  # same kernels; the LoRA partial sums add by atomics
     finally:
         mp.undo()
+    print(warmed, compiled)
     assert warmed and warmed[0]["kernels"] > 0 and not warmed[0]["skipped"], warmed
-    pooled = {n for m, n, t in compiled if t.startswith("fxopt-compile") and m.startswith("fxopt")}
-    elsewhere = {n for m, n, t in compiled if not t.startswith("fxopt-compile") and m.startswith("fxopt")}
-    print(warmed, "pool:", sorted(pooled), "elsewhere:", sorted(elsewhere))
-    # the attention forward lives in the block only: compiled ahead, in the pool (or by an earlier test of this
-    # process), never at its first launch (the backward's kernels still compile at theirs)
-    assert pooled
-    assert "_fwd_kernel" not in elsewhere
+    attention = {"_fwd_kernel", "_dq_kernel", "_dkdv_kernel"}
+    assert attention <= {n for n, during in compiled if during}
+    assert not attention & {n for n, during in compiled if not during}

@@ -135,19 +135,41 @@ def set_deterministic() -> None:
 
 
 _WARMING: contextvars.ContextVar = contextvars.ContextVar("fxopt_warming", default=None)  # see warming()
+_WARMING_BACKWARD: tuple | None = None  # (sink, autograd nodes): see warming()
 
 
 @contextlib.contextmanager
-def warming(sink: list):
+def warming(sink: list, backward_of=()):
     """Inside: every `launch` of this thread compiles its kernel without running it (Triton's `warmup`, one per
-    config the autotuner would try) and appends what the warmup returns to `sink`. For fxopt.precompile only:
-    outputs of the skipped kernels stay unwritten. Other threads (autograd's backward among them) launch as
-    usual."""
+    config the autotuner would try) and appends what the warmup returns to `sink`; so does every launch made,
+    on any thread, by the autograd nodes of the graph behind the tensors `backward_of` (autograd runs a CUDA
+    backward on a thread of its own). Any other launch runs as usual. For fxopt.precompile only: outputs of
+    the skipped kernels stay unwritten."""
+    global _WARMING_BACKWARD
     token = _WARMING.set(sink)
+    nodes, stack = [], [t.grad_fn for t in backward_of if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is not None and not any(node is n for n in nodes):
+            nodes.append(node)
+            stack.extend(f for f, _ in node.next_functions)
+    prev = _WARMING_BACKWARD
+    if nodes:
+        _WARMING_BACKWARD = (sink, nodes)
     try:
         yield sink
     finally:
         _WARMING.reset(token)
+        _WARMING_BACKWARD = prev
+
+
+def _warming_sink():
+    sink = _WARMING.get()
+    if sink is None and _WARMING_BACKWARD is not None:
+        node = torch._C._current_autograd_node()
+        if node is not None and any(node is n for n in _WARMING_BACKWARD[1]):
+            sink = _WARMING_BACKWARD[0]
+    return sink
 
 
 def _warm(kernel, tuned, args, flags: dict, fixed: dict) -> list:
@@ -165,7 +187,7 @@ def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.de
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
     config of the tuning list: the same every run. Every Triton kernel of fxopt is launched through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
-        sink = _WARMING.get()
+        sink = _warming_sink()
         if sink is not None:
             sink.extend(_warm(kernel, tuned, args, flags, fixed))
             return
