@@ -11,10 +11,11 @@ inputs where an op reads one, zeros shaped like the recorded example value elsew
 a thread pool through Triton's AsyncCompileMode, the backward's compiled on autograd's thread (outside that
 mode); then each compiled kernel's launcher is built in the pool. The first real launch finds the kernel in
 Triton's cache and its launcher built. Measured with cold caches in one H200 call (s17d): dense first step
-25.2 -> 20.4 s, qlora 26.4 -> 18.1 s; warming the forward alone gained nothing (s17e). Nothing the stand-in calls compute is
-used (their kernels do not run; their outputs are dropped), so this cannot change a result; whatever it
-misses (a Triton without AsyncCompileMode, an op that rejects the stand-ins, a launch specialised differently
-at run time) is compiled at its first launch, as without it.
+25.2 -> 20.4 s, qlora 26.4 -> 18.1 s; warming the forward alone gained nothing (s17e).
+
+Nothing the stand-in calls compute is used (their kernels do not run; their outputs are dropped), so this
+cannot change a result; whatever it misses (a Triton without AsyncCompileMode, an op that rejects the
+stand-ins, a launch specialised differently at run time) is compiled at its first launch, as without it.
 """
 from __future__ import annotations
 
