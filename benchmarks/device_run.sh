@@ -5,7 +5,8 @@
 #   dense   train_step.py on the dense workload for every setup, profile of one step each
 #   train   train_step.py on $WORKLOADS (comma-separated, default qlora,moe,moe-big) for $SETUPS
 #   compile the cold first step of fxopt on $WORKLOADS (default dense,qlora): each run with empty Inductor and
-#           Triton caches; PROFILE_COMPILE=1: the first step under cProfile (train_step.py --profile-compile: where the time goes; slower)
+#           Triton caches; PROFILE_COMPILE=1: the first step under cProfile (train_step.py --profile-compile: where the time goes; slower);
+#           SERIAL=1: also with compile_threads=0 (the fxopt_serial setups), alternating, for what precompile saves
 # Everything is written under $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -25,12 +26,14 @@ for stage in "$@"; do
              --setups "${SETUPS:-eager,compile,liger,fxopt}" --out "$OUT" --tag "${TAG:-train}" \
              --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -40 > "$OUT/train-${TAG:-train}.txt" ;;
     compile) for wl in $(echo "${WORKLOADS:-dense,qlora}" | tr , ' '); do
-               setup=fxopt; [ "$wl" = qlora ] && setup=fxopt_compute_dtype
-               d=/tmp/cold-$wl
-               rm -rf "$d"; TRITON_CACHE_DIR=$d/triton TORCHINDUCTOR_CACHE_DIR=$d/inductor \
-                 python3 benchmarks/train_step.py --workloads "$wl" --setups "$setup" --out "$OUT" \
-                 --tag "cold-$wl" ${PROFILE_COMPILE:+--profile-compile "$OUT"} \
-                 --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -20 > "$OUT/compile-$wl.txt"
+               base=fxopt; [ "$wl" = qlora ] && base=fxopt_compute_dtype
+               for setup in $base ${SERIAL:+${base}_serial}; do
+                 d=/tmp/cold-$wl-$setup
+                 rm -rf "$d"; TRITON_CACHE_DIR=$d/triton TORCHINDUCTOR_CACHE_DIR=$d/inductor \
+                   python3 benchmarks/train_step.py --workloads "$wl" --setups "$setup" --out "$OUT" \
+                   --tag "cold-$wl-$setup" ${PROFILE_COMPILE:+--profile-compile "$OUT"} \
+                   --timeout "${TRAIN_TIMEOUT:-400}" 2>&1 | tail -20 > "$OUT/compile-$wl-$setup.txt"
+               done
              done ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
