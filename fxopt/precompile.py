@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import os
 import time
+import warnings
 
 import torch
 import torch.fx as fx
@@ -115,20 +116,33 @@ def _build_launcher(kernel) -> None:
     driver.active.launcher_cls(kernel.src, kernel.metadata)  # built and cached by its source's hash
 
 
+def _applies(example_inputs) -> bool:
+    """A graph on CUDA (the interpreter and the CPU compile nothing)."""
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
 def warm_graph(gm: fx.GraphModule, example_inputs, threads: int | None = None) -> dict:
     """Compile, in `threads` threads, the Triton kernels the fxopt ops of `gm` launch in forward and backward.
     Returns what it did (ops called, ops skipped, kernels compiled, seconds), or {} where it does not apply
-    (no CUDA input, no Triton, a Triton without AsyncCompileMode)."""
+    (no CUDA input, no Triton, a Triton without AsyncCompileMode). Never raises: a failure of the warm-up
+    itself is one warning, and the kernels then compile at their first launch."""
     threads = default_threads() if threads is None else threads
     triton = common.triton
     async_mode = getattr(triton, "AsyncCompileMode", None) if triton is not None else None
-    if threads < 1 or async_mode is None:
-        return {}
-    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+    if threads < 1 or async_mode is None or not _applies(example_inputs):
         return {}
     calls = _fxopt_calls(gm)
     if not calls:
         return {}
+    try:
+        return _warm(gm, example_inputs, calls, threads, async_mode)
+    except Exception as e:
+        warnings.warn(f"fxopt: compiling the kernels ahead failed ({type(e).__name__}: {str(e)[:200]}); they "
+                      f"compile at their first launch instead")
+        return {}
+
+
+def _warm(gm, example_inputs, calls, threads: int, async_mode) -> dict:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, example_inputs))
     start = time.perf_counter()

@@ -137,6 +137,32 @@ def test_compile_threads_validated():
             fxopt.OptimizeConfig(compile_threads=bad)
 
 
+def test_a_failing_warm_up_is_a_warning_and_training_goes_on(monkeypatch):
+    """Whatever goes wrong in the warm-up itself (here: Triton refuses the async compile mode, as it does when
+    one is active already) costs the head start, never the compile: one warning, the same training."""
+
+    class Refused:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("Another AsyncCompileMode is already active")
+
+        def __exit__(self, *exc):
+            return False
+
+    class FakeTriton:
+        AsyncCompileMode = Refused
+
+    monkeypatch.setattr(precompile, "_applies", lambda example_inputs: True)
+    monkeypatch.setattr(common, "triton", FakeTriton)
+    model = tiny_lora_model("llama")
+    ref = twin(model)
+    fxopt.optimize(model, inner_backend="aot_eager")
+    with pytest.warns(UserWarning, match="compiling the kernels ahead failed"):
+        assert_same_training(model, ref, batch())
+
+
 def test_nothing_to_warm_on_cpu():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     assert precompile.warm_graph(gm, [torch.ones(1, 2)], threads=2) == {}
