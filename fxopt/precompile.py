@@ -27,8 +27,10 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from fxopt.kernels import common
+from fxopt.passes.graph_utils import value
 
 
 def default_threads() -> int:
@@ -47,50 +49,26 @@ def _hint(s) -> int:
     return int(s)
 
 
-def _stand_in(node: fx.Node, gm: fx.GraphModule, inputs: dict):
+def _stand_in(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> torch.Tensor:
     """A real tensor for an argument node: the graph's input itself, a module attribute, or zeros with the
-    example value's shape, strides and dtype. None when the node has no recorded value."""
-    if node in inputs:
-        t = inputs[node]
-    elif node.op == "get_attr":
-        t = getattr(gm, node.target)
-    else:
-        v = node.meta.get("example_value", node.meta.get("val"))
-        if not isinstance(v, torch.Tensor):
-            return None
-        t = torch.empty_strided([_hint(s) for s in v.shape], [_hint(s) for s in v.stride()], dtype=v.dtype,
-                                device=v.device).zero_()
-        return t.requires_grad_(v.requires_grad and v.is_floating_point())
-    if not isinstance(t, torch.Tensor):
-        return t
-    # requires_grad as the real call has it, detached from the model's graph (autograd.grad of the stand-in
-    # call accumulates nothing into the model's .grad either)
-    return t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
+    example value's shape, strides and dtype. LookupError when the node has no recorded value."""
+    if node in inputs or node.op == "get_attr":
+        t = inputs[node] if node in inputs else getattr(gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            return t
+        # requires_grad as the real call has it, detached from the model's graph (autograd.grad of the stand-in
+        # call accumulates nothing into the model's .grad either)
+        return t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
+    v = value(node)
+    if v is None:
+        raise LookupError(f"no example value for {node.name}")
+    t = torch.empty_strided([_hint(s) for s in v.shape], [_hint(s) for s in v.stride()], dtype=v.dtype,
+                            device=v.device).zero_()
+    return t.requires_grad_(v.requires_grad and v.is_floating_point())
 
 
-class _Missing(Exception):
-    pass
-
-
-def _args(a, gm, inputs):
-    if isinstance(a, fx.Node):
-        t = _stand_in(a, gm, inputs)
-        if t is None:
-            raise _Missing(a.name)
-        return t
-    if isinstance(a, (list, tuple)):
-        return type(a)(_args(x, gm, inputs) for x in a)
-    if isinstance(a, dict):
-        return {k: _args(v, gm, inputs) for k, v in a.items()}
-    return a
-
-
-def _flat_tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _flat_tensors(v)]
-    return []
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def _call(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> None:
@@ -98,13 +76,12 @@ def _call(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> None:
     requires grad. Autograd runs a CUDA backward on a thread of its own: there the launches of this graph's
     nodes are warmed too (common.warming's backward_of), but outside Triton's AsyncCompileMode (a context
     variable of the calling thread), so those compile one by one; their launchers are still built in the pool."""
-    args = _args(node.args, gm, inputs)
-    kwargs = _args(node.kwargs, gm, inputs)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _stand_in(n, gm, inputs))
     sink = common._WARMING.get()
     with torch.enable_grad():
         out = node.target(*args, **kwargs)
-    leaves = [t for t in _flat_tensors((args, kwargs)) if t.requires_grad]
-    outs = [t for t in _flat_tensors(out) if t.requires_grad]
+    leaves = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+    outs = [t for t in _tensors(out) if t.requires_grad]
     if leaves and outs:
         with common.warming(sink, backward_of=outs) if sink is not None else contextlib.nullcontext():
             torch.autograd.grad(outs, leaves, [torch.zeros_like(t) for t in outs], allow_unused=True)
@@ -149,7 +126,8 @@ def _warm(gm, example_inputs, calls, threads: int, async_mode) -> dict:
     kernels: list = []
     skipped: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fxopt-compile") as pool:
-        with _async_mode(async_mode, pool):
+        # ignore_errors: a kernel that fails to compile fails at its real launch, reported as any other
+        with async_mode(pool, ignore_errors=True):
             with common.warming(kernels):
                 for node in calls:
                     try:
@@ -161,11 +139,3 @@ def _warm(gm, example_inputs, calls, threads: int, async_mode) -> dict:
         failed_builds = sum(1 for f in builds if f.exception() is not None)
     return dict(ops=len(calls) - len(skipped), skipped=skipped, kernels=len(builds),
                 failed_launchers=failed_builds, seconds=round(time.perf_counter() - start, 2))
-
-
-def _async_mode(mode_cls, pool):
-    """AsyncCompileMode that leaves a failed compile to the real launch (which reports it as any other)."""
-    try:
-        return mode_cls(pool, ignore_errors=True)
-    except TypeError:  # a Triton whose AsyncCompileMode has no ignore_errors
-        return mode_cls(pool)

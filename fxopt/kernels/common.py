@@ -172,13 +172,18 @@ def _warming_sink():
     return sink
 
 
+def _first_config(tuned) -> dict:
+    """The meta-parameters of an autotuner's first config: what DETERMINISTIC runs."""
+    cfg = tuned.configs[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _warm(kernel, tuned, args, flags: dict, fixed: dict) -> list:
+    """Compile (without running) what `launch` would run with these arguments."""
     if tuned is not None and not DETERMINISTIC:
         return list(tuned.warmup(*args, grid=(1,), **flags))
-    if tuned is not None:
-        cfg = tuned.configs[0]
-        fixed = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return [kernel.warmup(*args, grid=(1,), **flags, **fixed)]
+    meta = _first_config(tuned) if tuned is not None else fixed
+    return [kernel.warmup(*args, grid=(1,), **flags, **meta)]
 
 
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
@@ -192,8 +197,7 @@ def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.de
             sink.extend(_warm(kernel, tuned, args, flags, fixed))
             return
         if tuned is not None and DETERMINISTIC:
-            cfg = tuned.configs[0]
-            fn, meta = kernel, dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            fn, meta = kernel, _first_config(tuned)
         elif tuned is not None:
             fn, meta = tuned, {}  # the autotuner calls grid with the config it runs
         else:
