@@ -66,6 +66,9 @@ GEMV_MAX_M = 4
 # Of those, inputs of at most this many rows take the word GEMV (CUDA-core products, weight read as int32 words);
 # more rows, and packed bytes off a 4-byte boundary, take the tile GEMV with tensor-core dots.
 WORDS_MAX_M = 4
+# The word GEMV splits K over programs (an fp32 workspace summed after) for 3-4 rows of x and weights of at least
+# this many elements (see _words_split); tests lower it to reach the split on small shapes.
+WORDS_SPLIT_MIN_NK = 1 << 24
 # Inputs of at least this many rows (and more than GEMV_MAX_M) take dequantize-then-GEMM (see _dequantized_gemm).
 DEQUANT_MIN_M = 1 << 62 if os.environ.get("FXOPT_NF4_GEMM", "dequant") == "fused" else 0
 
@@ -339,8 +342,8 @@ if triton is not None:
     @triton.jit
     def _gemv_words_kernel(
         X, W32, CODE, ABSMAX, ABSMAX2, CODE2, OFFSET, T, L, BIAS, OUT,
-        M, N, K, KW, R,
-        stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on, scale,
+        M, N, K, KW, R, SPLIT,
+        stride_xm, stride_xk, stride_tm, stride_tr, stride_lr, stride_ln, stride_om, stride_on, scale, stride_os,
         BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
         EVEN_W: tl.constexpr,
@@ -349,12 +352,18 @@ if triton is not None:
         weight read as int32 words (W32): word w of row n holds W[n, 8w .. 8w + 7], its byte i (bits 8i .. 8i + 7,
         little-endian) W[n, 8w + 2i] in the high nibble and W[n, 8w + 2i + 1] in the low one. A program owns
         BLOCK_N rows and walks their words BLOCK_W at a time: 16-byte loads, each word's 8 codes multiplied with
-        x on the CUDA cores in fp32, the quantization block's scale applied to the block's partial sum. No split
-        over K and no workspace: a few rows per program give enough programs (and loads in flight) to read the
-        weight near HBM speed, and the output is written once, by the program that owns it. KW = K // 8 is an
+        x on the CUDA cores in fp32, the quantization block's scale applied to the block's partial sum. At M = 1-2
+        a few rows per program give enough programs (and loads in flight), and SPLIT is 1: the output is written
+        once, by the program that owns it. With more rows of x the products per word grow and a large weight is
+        split over K as in the tile GEMV (program (i, s) sums the s-th of SPLIT runs of steps into
+        OUT + s * stride_os, an fp32 workspace the caller sums; LoRA term and bias in run 0). KW = K // 8 is an
         argument of its own so that Triton sees its divisibility (rows start 16-byte aligned: vector loads);
         EVEN_W (BLOCK_W divides KW) drops the masks, which would split the vector loads."""
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        steps = tl.cdiv(tl.cdiv(KW, BLOCK_W), SPLIT)
+        w_lo = pid_k * steps * BLOCK_W
+        w_hi = tl.minimum(KW, w_lo + steps * BLOCK_W)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         load_n = (offs_n % N).to(tl.int64)
         WPB: tl.constexpr = BS // 8  # words per quantization block
@@ -364,7 +373,7 @@ if triton is not None:
         c = tl.arange(0, C)
         rm = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for w0 in range(0, KW, BLOCK_W):
+        for w0 in range(w_lo, w_hi, BLOCK_W):
             wi = w0 + g[:, None] * C + c[None, :]  # [G, C] word index within the row
             inside = wi < KW  # K % BS == 0: a block is wholly inside the row or wholly past it
             if EVEN_W:
@@ -392,12 +401,13 @@ if triton is not None:
 
         load_m = (rm % M).to(tl.int64)
         mask_n = offs_n < N
-        if HAS_LORA:
-            acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
-                               False, "ieee", BLOCK_R)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = OUT + rm[:, None] * stride_om + offs_n[None, :] * stride_on
+        if pid_k == 0:
+            if HAS_LORA:
+                acc = _add_adapter(acc, T, L, load_m, load_n, R, stride_tm, stride_tr, stride_lr, stride_ln, scale,
+                                   False, "ieee", BLOCK_R)
+            if HAS_BIAS:
+                acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = OUT + pid_k * stride_os + rm[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rm[:, None] < M) & mask_n[None, :])
 
     _INTERPRETED = interpreted(_fwd_kernel)
@@ -437,11 +447,14 @@ if triton is not None:
             (64, 512, 8, 3), (128, 256, 8, 3), (32, 1024, 8, 2),
         ]
     ]
-    # rows per program x words per step: 16-byte loads per thread, enough programs for N = 512 rows
+    # rows per program x words per step: 16-byte loads per thread, enough programs for N = 512 rows. Of the last
+    # three, 8 and 4 rows of 256 words (16 words per thread) were the fastest unsplit configs at M = 1-4 on every
+    # shape from 2048 x 2048 to 28672 x 8192 with the weight read from HBM (H200, session 18, diag sweep: 5-25%
+    # faster than the ones before them), 8 rows of 64 words on one warp the fastest split over K (M = 3-4)
     _WORDS_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=st)
         for bn, bw, w, st in [(1, 128, 1, 3), (2, 128, 2, 3), (4, 128, 4, 3), (4, 64, 2, 3), (8, 64, 4, 3),
-                              (2, 256, 4, 3)]
+                              (2, 256, 4, 3), (8, 256, 4, 2), (4, 256, 2, 2), (8, 64, 1, 2)]
     ]
     _fwd_tuned = _dx_tuned = _gemv_tuned = _words_tuned = None
     if not _INTERPRETED:
@@ -590,6 +603,16 @@ def _gemv_split(n: int, k: int, device: torch.device) -> int:
     return max(1, min(16, (4 * sms) // triton.cdiv(n, 32), triton.cdiv(k, 256 if device.type == "cuda" else 128)))
 
 
+def _words_split(m: int, n: int, k: int) -> int:
+    """How many runs of K the word GEMV splits into: 1 for one or two rows of x and for weights under
+    WORDS_SPLIT_MIN_NK elements; else 2, or 4 from K = 8192 on. Measured (H200, weight read from HBM, M = 4):
+    2048 x 2048 gained nothing (8.1 vs 8.2 us); 8192 x 2048 25.1 -> 20.8 us, 2048 x 8192 24.1 -> 19.7, 28672 x 8192
+    284 -> 220 (session 18, diag sweep; the workspace sum included only as a memset there)."""
+    if m < 3 or n * k < WORDS_SPLIT_MIN_NK:
+        return 1
+    return 4 if k >= 8192 else 2
+
+
 def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
             bias: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in out_dtype (default x.dtype; lo
@@ -626,10 +649,13 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
     flags = dict(base, PRECISION=precision)
     words = _as_words(q) if M <= min(WORDS_MAX_M, GEMV_MAX_M) and K % q.blocksize == 0 else None
     if words is not None:
-        args = (x, words, *ptrs[1:], t, lo, bias, out, M, N, K, K // 8, R, *strides)
-        launch(_gemv_words, _words_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args,
+        split = _words_split(M, N, K)
+        dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        args = (x, words, *ptrs[1:], t, lo, bias, dest, M, N, K, K // 8, R, split, *strides[:6], dest.stride(-2),
+                dest.stride(-1), float(scale), dest.stride(0) if split > 1 else 0)
+        launch(_gemv_words, _words_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split), args,
                dict(base, BLOCK_M=triton.next_power_of_2(M)), dict(BLOCK_N=2, BLOCK_W=8), x.device)
-        return out
+        return out if split == 1 else out.copy_(dest.sum(0))
     if M <= GEMV_MAX_M and K % q.blocksize == 0:  # tensor-core dots, M padded to 16
         sub_k = min(q.blocksize, 64)
         split = _gemv_split(N, K, x.device)

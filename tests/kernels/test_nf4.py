@@ -164,12 +164,18 @@ def test_lora_matches_bnb(lead, rank, adapter32, dropout, n, quant_type, double,
         check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, (rank, adapter, dropout), seed)
 
 
-@pytest.mark.parametrize("lead", [(1,), (2,), (4,), (5,), (16,)])
-def test_gemv_paths(lead):
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (5,), (16,)])
+def test_gemv_paths(lead, split, monkeypatch):
     """Every GEMV variant (the word GEMV for M <= 4, the tile GEMV's tensor-core dot above), with a partial last
     K-step (K = 96 in blocks of 32: the word GEMV's last step is partial). The tile GEMV takes M = 5..16 only with
-    GEMV_MAX_M raised (by default those rows dequantize)."""
+    GEMV_MAX_M raised (by default those rows dequantize). split: the word GEMV's split over K (M = 3-4, large
+    weights) reached on these small ones; with K = 64 there are more runs than steps (a run sums nothing)."""
     cases = [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]
+    if split:
+        monkeypatch.setattr(nf4, "WORDS_SPLIT_MIN_NK", 1)
+        if lead[0] in (3, 4):
+            assert nf4._words_split(lead[0], 37, 96) == 2 and nf4._words_split(lead[0], 37, 8192) == 4
     with kernel_path("gemv"):
         for quant_type, double, blocksize, k in cases:
             check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
