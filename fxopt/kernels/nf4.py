@@ -613,6 +613,14 @@ def _words_split(m: int, n: int, k: int) -> int:
     return 4 if k >= 8192 else 2
 
 
+def _split_dest(out: Tensor, split: int, scale: float):
+    """Where a GEMV split over K into `split` runs writes, and the kernel's trailing arguments (output strides,
+    adapter scale, run stride): out itself for one run, else an fp32 [split, M, N] workspace whose runs each write
+    every element, summed into out by the caller."""
+    dest = out if split == 1 else torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+    return dest, (dest.stride(-2), dest.stride(-1), float(scale), dest.stride(0) if split > 1 else 0)
+
+
 def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], scale: float,
             bias: Optional[Tensor], out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """x [M, K] @ dequant(q)^T + scale * t [M, R] @ lo [R, N] + bias -> [M, N] in out_dtype (default x.dtype; lo
@@ -650,23 +658,20 @@ def _matmul(x: Tensor, q: _Quant, t: Optional[Tensor], lo: Optional[Tensor], sca
     words = _as_words(q) if M <= min(WORDS_MAX_M, GEMV_MAX_M) and K % q.blocksize == 0 else None
     if words is not None:
         split = _words_split(M, N, K)
-        dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        args = (x, words, *ptrs[1:], t, lo, bias, dest, M, N, K, K // 8, R, split, *strides[:6], dest.stride(-2),
-                dest.stride(-1), float(scale), dest.stride(0) if split > 1 else 0)
+        dest, dest_strides = _split_dest(out, split, scale)
+        args = (x, words, *ptrs[1:], t, lo, bias, dest, M, N, K, K // 8, R, split, *strides[:6], *dest_strides)
         launch(_gemv_words, _words_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split), args,
                dict(base, BLOCK_M=triton.next_power_of_2(M)), dict(BLOCK_N=2, BLOCK_W=8), x.device)
-        return out if split == 1 else out.copy_(dest.sum(0))
+        return out if dest is out else out.copy_(dest.sum(0))
     if M <= GEMV_MAX_M and K % q.blocksize == 0:  # tensor-core dots, M padded to 16
         sub_k = min(q.blocksize, 64)
         split = _gemv_split(N, K, x.device)
-        # split: per-run partial sums in an fp32 workspace (every element written), summed below
-        dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-        args = (x, *ptrs, t, lo, bias, dest, M, N, K, R, split, *strides[:6], dest.stride(-2), dest.stride(-1),
-                float(scale), dest.stride(0) if split > 1 else 0)
+        dest, dest_strides = _split_dest(out, split, scale)
+        args = (x, *ptrs, t, lo, bias, dest, M, N, K, R, split, *strides[:6], *dest_strides)
         launch(_gemv, _gemv_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split), args,
                dict(flags, SUB_K=sub_k, BLOCK_M=16), dict(BLOCK_N=16, BLOCK_K=2 * sub_k),
                x.device)
-        return out if split == 1 else out.copy_(dest.sum(0))
+        return out if dest is out else out.copy_(dest.sum(0))
 
     if _dequantized_gemm(M):
         y = x @ _dequantize_triton(q, x.dtype).t()

@@ -175,22 +175,34 @@ def test_lora_matches_bnb(lead, rank, adapter32, dropout, n, quant_type, double,
         check(lead, n, k, quant_type, blocksize, double, dtype, bias, noncontig, (rank, adapter, dropout), seed)
 
 
-@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (4,), (5,), (16,)])
-def test_gemv_paths(lead, split, monkeypatch):
+def test_gemv_paths(lead):
     """Every GEMV variant (the word GEMV for M <= 4, the tile GEMV's tensor-core dot above), with a partial last
     K-step (K = 96 in blocks of 32: the word GEMV's last step is partial). The tile GEMV takes M = 5..16 only with
-    GEMV_MAX_M raised (by default those rows dequantize). split: the word GEMV's split over K (M = 3-4, large
-    weights) reached on these small ones; with K = 64 there are more runs than steps (a run sums nothing)."""
-    cases = [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]
-    if split:
-        monkeypatch.setattr(nf4, "WORDS_SPLIT_MIN_NK", 1)
-        if lead[0] in (3, 4):
-            assert nf4._words_split(lead[0], 37, 96) == 2 and nf4._words_split(lead[0], 37, 8192) == 4
+    GEMV_MAX_M raised (by default those rows dequantize)."""
     with kernel_path("gemv"):
-        for quant_type, double, blocksize, k in cases:
-            check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
-            check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
+        _gemv_cases(lead)
+
+
+@pytest.mark.parametrize("lead", [(3,), (4,)])
+def test_word_gemv_split(lead, monkeypatch):
+    """The word GEMV's split over K (3-4 rows of x, large weights) reached on small ones, and checked to be taken:
+    K = 64 gives more runs than steps (a run sums nothing), K = 96 a partial last step, K = 384 three steps a run;
+    the LoRA term and bias are added by run 0 only."""
+    monkeypatch.setattr(nf4, "WORDS_SPLIT_MIN_NK", 1)
+    taken = []
+    real = nf4._words_split
+    monkeypatch.setattr(nf4, "_words_split", lambda m, n, k: taken.append(real(m, n, k)) or taken[-1])
+    with kernel_path("gemv"):
+        _gemv_cases(lead)
+    if nf4._use_triton(torch.empty(1, device=DEVICE)):
+        assert taken and set(taken) == {2}
+
+
+def _gemv_cases(lead):
+    for quant_type, double, blocksize, k in [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]:
+        check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
+        check(lead, 20, k, quant_type, blocksize, double, torch.float16, False, True, (5, torch.float32, False), 1)
 
 
 def test_gemv_unaligned_weight_bytes(monkeypatch):
