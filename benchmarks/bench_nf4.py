@@ -144,30 +144,27 @@ def _with(setting, value, x, args):
         setattr(nf4, setting, old)
 
 
-def _over_copies(impl, fn, copies, x, qweight, state, args):
-    """One call of impl per copy of the weight (see bench_decode)."""
+def _decode_call(impl, x, data, absmax, state, args):
+    """One decode-sized call of impl on the packed weight `data` with block scales `absmax` (the quantized weight
+    or one of its copies)."""
     import copy
 
     import bitsandbytes as bnb
 
     from fxopt.kernels import nf4
 
-    for data, absmax in copies:
-        if impl == "bnb":
-            st = copy.copy(state)
-            st.absmax = absmax
-            bnb.matmul_4bit(x, data, st)
-        elif impl == "fxopt":
-            torch.ops.fxopt.linear_4bit(x, data, absmax, *args[2:6], None, *args[6:])
-        else:  # fxopt_tile: the setting it runs under
-            setting, value = ("WORDS_MAX_M", 0) if x.shape[0] <= nf4.WORDS_MAX_M else ("GEMV_MAX_M", 16)
-            _with(setting, value, x, (data, absmax, *args[2:]))
+    if impl == "bnb":
+        st = copy.copy(state)
+        st.absmax = absmax
+        return bnb.matmul_4bit(x, data, st)
+    if impl == "fxopt":
+        return torch.ops.fxopt.linear_4bit(x, data, absmax, *args[2:6], None, *args[6:])
+    # fxopt_tile, the tile GEMV (tensor cores, split K): where the word GEMV runs, or dequantize + cuBLAS above it
+    setting, value = ("WORDS_MAX_M", 0) if x.shape[0] <= nf4.WORDS_MAX_M else ("GEMV_MAX_M", 16)
+    return _with(setting, value, x, (data, absmax, *args[2:]))
 
 
 def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
-    import bitsandbytes as bnb
-
-    from fxopt.kernels import nf4
     from fxopt.kernels.nf4 import quant_args
 
     qweight, state, w = quantized(n, k)
@@ -181,12 +178,8 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
     for m in M_DECODE:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.float().t()
-        impls = {"bnb": lambda: bnb.matmul_4bit(x, qweight, state),
-                 "fxopt": lambda: torch.ops.fxopt.linear_4bit(x, *args[:6], None, *args[6:])}
-        if m <= nf4.WORDS_MAX_M:  # the tile GEMV (tensor cores, split K) where the word GEMV runs
-            impls["fxopt_tile"] = functools.partial(_with, "WORDS_MAX_M", 0, x, args)
-        else:  # where dequantize + cuBLAS runs, the tile GEMV (tensor cores; M <= 16): which is fastest
-            impls["fxopt_tile"] = functools.partial(_with, "GEMV_MAX_M", 16, x, args)
+        impls = {impl: functools.partial(_decode_call, impl, x, qweight, state.absmax, state, args)
+                 for impl in ("bnb", "fxopt", "fxopt_tile")}
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6,
                        copies=len(copies))
@@ -196,7 +189,9 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
                     row["us"] = 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
                     row["gbs"] = nbytes / (row["us"] * 1e-6) / 1e9
                     try:
-                        cycle = functools.partial(_over_copies, impl, fn, copies, x, qweight, state, args)
+                        def cycle(impl=impl):
+                            for data, absmax in copies:
+                                _decode_call(impl, x, data, absmax, state, args)
                         row["graph_us"] = 1e3 * do_bench_cudagraph(cycle, rep=100, return_mode="median") / len(copies)
                         row["graph_gbs"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
                     except Exception as e:

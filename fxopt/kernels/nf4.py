@@ -449,7 +449,7 @@ if triton is not None:
     ]
     # rows per program x words per step: 16-byte loads per thread, enough programs for N = 512 rows. Of the last
     # three, 8 and 4 rows of 256 words (16 words per thread) were the fastest unsplit configs at M = 1-4 on every
-    # shape from 2048 x 2048 to 28672 x 8192 with the weight read from HBM (H200, session 18, diag sweep: 5-25%
+    # shape from 2048 x 2048 to 28672 x 8192 with the weight read from HBM (H200, session 18, sweep on branch s18-gemv-sweep: 5-25%
     # faster than the ones before them), 8 rows of 64 words on one warp the fastest split over K (M = 3-4)
     _WORDS_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=st)
@@ -607,7 +607,7 @@ def _words_split(m: int, n: int, k: int) -> int:
     """How many runs of K the word GEMV splits into: 1 for one or two rows of x and for weights under
     WORDS_SPLIT_MIN_NK elements; else 2, or 4 from K = 8192 on. Measured (H200, weight read from HBM, M = 4):
     2048 x 2048 gained nothing (8.1 vs 8.2 us); 8192 x 2048 25.1 -> 20.8 us, 2048 x 8192 24.1 -> 19.7, 28672 x 8192
-    284 -> 220 (session 18, diag sweep; the workspace sum included only as a memset there)."""
+    284 -> 220 (session 18, sweep on branch s18-gemv-sweep; the workspace sum included only as a memset there)."""
     if m < 3 or n * k < WORDS_SPLIT_MIN_NK:
         return 1
     return 4 if k >= 8192 else 2
