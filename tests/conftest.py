@@ -2,10 +2,17 @@
 # kernels are imported: on a machine without CUDA, tests run the real Triton kernels in the interpreter.
 import os
 
+# Under pytest-xdist (`-n 2`, the README's command) each worker is one process on one core: one torch thread each,
+# or the two workers' OpenMP pools oversubscribe the cores and spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 try:
     import torch as _torch
 
     _HAS_CUDA = _torch.cuda.is_available()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _torch.set_num_threads(1)
 except Exception:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
