@@ -144,42 +144,43 @@ def _with(setting, value, x, args):
         setattr(nf4, setting, old)
 
 
-def _decode_call(impl, x, data, absmax, state, args):
-    """One decode-sized call of impl on the packed weight `data` with block scales `absmax` (the quantized weight
-    or one of its copies)."""
+def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
     import copy
 
     import bitsandbytes as bnb
 
     from fxopt.kernels import nf4
-
-    if impl == "bnb":
-        st = copy.copy(state)
-        st.absmax = absmax
-        return bnb.matmul_4bit(x, data, st)
-    if impl == "fxopt":
-        return torch.ops.fxopt.linear_4bit(x, data, absmax, *args[2:6], None, *args[6:])
-    # fxopt_tile, the tile GEMV (tensor cores, split K): where the word GEMV runs, or dequantize + cuBLAS above it
-    setting, value = ("WORDS_MAX_M", 0) if x.shape[0] <= nf4.WORDS_MAX_M else ("GEMV_MAX_M", 16)
-    return _with(setting, value, x, (data, absmax, *args[2:]))
-
-
-def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
     from fxopt.kernels.nf4 import quant_args
 
     qweight, state, w = quantized(n, k)
     args = quant_args(qweight, state)
     nbytes = n * k // 2
+
+    def call(impl, x, data, st):
+        """One decode-sized call of impl on the packed weight `data` with quantization state `st` (the weight's
+        or one copy's). Nothing copied or imported here: the eager timing ("us") includes host time."""
+        if impl == "bnb":
+            return bnb.matmul_4bit(x, data, st)
+        if impl == "fxopt":
+            return torch.ops.fxopt.linear_4bit(x, data, st.absmax, *args[2:6], None, *args[6:])
+        # fxopt_tile, the tile GEMV (tensor cores, split K): where the word GEMV runs, or dequantize + cuBLAS above
+        setting, value = ("WORDS_MAX_M", 0) if x.shape[0] <= nf4.WORDS_MAX_M else ("GEMV_MAX_M", 16)
+        return _with(setting, value, x, (data, st.absmax, *args[2:]))
+
+    def copied():
+        st = copy.copy(state)
+        st.absmax = state.absmax.clone()
+        return qweight.clone(), st
+
     # The graph replays one call per copy of the packed weight and its scales, enough copies that each is
     # evicted from L2 before its next read: decoding reads every layer's weight from HBM once per token, and a
     # weight of a few MB replayed alone would be read from L2.
-    copies = [(qweight.clone(), state.absmax.clone()) for _ in range(max(1, min(64, L2_EVICT_BYTES // nbytes)))]
+    copies = [copied() for _ in range(max(1, min(64, L2_EVICT_BYTES // nbytes)))]
     rows = []
     for m in M_DECODE:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.float().t()
-        impls = {impl: functools.partial(_decode_call, impl, x, qweight, state.absmax, state, args)
-                 for impl in ("bnb", "fxopt", "fxopt_tile")}
+        impls = {impl: functools.partial(call, impl, x, qweight, state) for impl in ("bnb", "fxopt", "fxopt_tile")}
         for impl, fn in impls.items():
             row = dict(part="decode", shape=name, N=n, K=k, M=m, impl=impl, weight_mb=nbytes / 1e6,
                        copies=len(copies))
@@ -190,8 +191,8 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
                     row["gbs"] = nbytes / (row["us"] * 1e-6) / 1e9
                     try:
                         def cycle(impl=impl):
-                            for data, absmax in copies:
-                                _decode_call(impl, x, data, absmax, state, args)
+                            for data, st in copies:
+                                call(impl, x, data, st)
                         row["graph_us"] = 1e3 * do_bench_cudagraph(cycle, rep=100, return_mode="median") / len(copies)
                         row["graph_gbs"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
                     except Exception as e:

@@ -3,7 +3,8 @@
 import os
 
 # Under pytest-xdist (`-n 2`, the README's command) each worker is one process on one core: one torch thread each,
-# or the two workers' OpenMP pools oversubscribe the cores and spin against each other.
+# or the two workers' OpenMP pools oversubscribe the cores and spin against each other. The variable reaches the
+# processes a test starts (CLI, distributed); set_num_threads below covers a torch imported before this file.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
