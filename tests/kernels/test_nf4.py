@@ -199,6 +199,14 @@ def test_word_gemv_split(lead, monkeypatch):
         assert taken and set(taken) == {2}
 
 
+def test_words_split_rule():
+    """One run for 1-2 rows or weights under WORDS_SPLIT_MIN_NK elements, else 2 runs, 4 from K = 8192 (the split
+    test above reaches only the 2-run case on its small shapes)."""
+    big = nf4.WORDS_SPLIT_MIN_NK
+    assert nf4._words_split(2, big, 8192) == 1 and nf4._words_split(4, 1, big - 1) == 1
+    assert nf4._words_split(3, big // 4096, 4096) == 2 and nf4._words_split(4, big // 8192, 8192) == 4
+
+
 def _gemv_cases(lead):
     for quant_type, double, blocksize, k in [("nf4", True, 64, 64), ("fp4", False, 32, 96), ("nf4", False, 128, 384)]:
         check(lead, 37, k, quant_type, blocksize, double, torch.float32, True, False, None, 0)
