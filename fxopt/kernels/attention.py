@@ -799,8 +799,9 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tenso
     else:
         summary = _summarise(mask)
         m = mask.view(torch.uint8)
-    Bm, T = summary.shape[1], summary.shape[2]
-    return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), T if Bm > 1 else 0, Bm * T, T)
+    Bm, T = summary.shape[1], triton.cdiv(mask.shape[2], 16)
+    return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), summary.stride(1) if Bm > 1 else 0,
+                        summary.stride(0), T)
 
 
 def _one_mask(mask: Tensor) -> Tensor:
@@ -809,8 +810,18 @@ def _one_mask(mask: Tensor) -> Tensor:
 
 
 def _summary_shape(mask: Optional[Tensor], S) -> tuple:
-    """The shape of the forward's mask summary output: [10, Bm, ceil(S / 16)], or [0] without a mask."""
-    return (0,) if mask is None else (10, _one_mask(mask).shape[0], (S + 15) // 16)
+    """The shape of the forward's mask summary output: [10, Bm, S] (its first ceil(S / 16) columns hold the
+    summary), or [0] without a mask. Not [10, Bm, ceil(S / 16)]: with the sequence length dynamic, a size
+    ceil(S / 16) makes Dynamo guard on it being 1 or not (a contiguity check of the fake output), so a packed batch
+    of at most 16 tokens recompiled a graph compiled for longer ones; S itself is already assumed >= 2."""
+    return (0,) if mask is None else (10, _one_mask(mask).shape[0], S)
+
+
+def _summary_output(summary: Tensor, S: int) -> Tensor:
+    """The [10, Bm, T] summary in the op's [10, Bm, S] output (columns past T unused)."""
+    out = summary.new_zeros((10, summary.shape[1], S))
+    out[..., :summary.shape[2]] = summary
+    return out
 
 
 def _flags(q, causal, window, softcap, key_padding, mask=None) -> dict:
@@ -943,9 +954,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
                     key_padding: Optional[Tensor] = None,
                     mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32 (float64 for float64 inputs), the mask's summary
-    (int32 [10, Bm, ceil(S / 16)], see _mask_summary; [0] without a mask)); lse and the summary are returned only
-    to be saved for backward (lse +inf for a row that sees no key): the backward's two kernels then need no
-    summary of their own (at S = 2048 each summary read the mask twice, ~19 us a launch on the H100)."""
+    (int32 [10, Bm, S], the [10, Bm, ceil(S / 16)] of _mask_summary in its first columns; [0] without a mask));
+    lse and the summary are returned only to be saved for backward (lse +inf for a row that sees no key): the
+    backward's two kernels then need no summary of their own (at S = 2048 each summary read the mask twice,
+    ~19 us a launch on the H100)."""
     _check(q, k, v, scale, causal, window, softcap, key_padding, mask)
     B, Hq, S, D = q.shape
     window = _window(window, S)
@@ -969,7 +981,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
 
     _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding, mask), q.device)
-    return out, lse, summary if mask is not None else q.new_zeros(_summary_shape(None, S), dtype=torch.int32)
+    return out, lse, _summary_output(summary, S) if mask is not None else q.new_zeros((0,), dtype=torch.int32)
 
 
 @flash_attention.register_fake
@@ -1008,6 +1020,8 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
            (out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out)),
            dict(HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block), {}, q.device)
     pad, spb, sps = _pad_args(key_padding, lse)
+    if mask is not None and summary is not None:
+        summary = summary[..., :triton.cdiv(S, 16)]  # the forward's output holds it in its first columns
     m, summary, mask_strides = _mask_args(mask, lse, summary)
     qk_scale, sc = _score_scales(scale, softcap)
     common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window),

@@ -522,7 +522,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fxopt.flash_attention.default,
                           (q, k, v, 0.5, False, 0, 0.0, None, mask))
     out, lse, summary = torch.ops.fxopt.flash_attention(q, k, v, 0.5, False, 0, 0.0, None, mask)
-    assert summary.shape == (10, 2, 1) and summary.dtype == torch.int32
+    assert summary.shape == (10, 2, 6) and summary.dtype == torch.int32  # [10, Bm, S]: ceil(6 / 16) = 1 column used
     torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, False, 0, 0.0, None, mask, summary))
 
