@@ -111,7 +111,7 @@ def test_no_recompile_when_sequence_length_changes():
     model = tiny_model("qwen3")
     # the other passes off: this is about the norm pass's guards, and their interpreted kernels are slow
     fxopt.optimize(model, inner_backend="aot_eager", disable=[p for p in pass_names() if p != "rms_norm"])
-    assert_no_recompile(model, (16, 24, 32, 17, 40))
+    assert_no_recompile(model, (16, 24, 32, 17, 40, 9))
     assert fxopt.report(model).matched("rms_norm")
 
 
