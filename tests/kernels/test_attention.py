@@ -523,6 +523,8 @@ def test_opcheck():
                           (q, k, v, 0.5, False, 0, 0.0, None, mask))
     out, lse, summary = torch.ops.fxopt.flash_attention(q, k, v, 0.5, False, 0, 0.0, None, mask)
     assert summary.shape == (10, 2, 6) and summary.dtype == torch.int32  # [10, Bm, S]: ceil(6 / 16) = 1 column used
+    if ak._use_triton(q, k, v):  # the summary in its first column, zeros after it
+        assert torch.equal(summary[..., :1].cpu(), ak._mask_summary(mask.cpu())) and not summary[..., 1:].any()
     torch.library.opcheck(torch.ops.fxopt.flash_attention_backward.default,
                           (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.5, False, 0, 0.0, None, mask, summary))
 
