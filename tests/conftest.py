@@ -52,3 +52,16 @@ def no_silent_kernel_fallback():
     failed = set(common.FAILED)
     common.FAILED.clear()
     assert not failed, f"Triton kernels failed to compile (families switched to torch math): {sorted(failed)}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own models: it starts from empty Dynamo caches, so one test's compiled code (or a
+    size or float Dynamo made dynamic after seeing two values, or cache entries counting toward the recompile
+    limit of code the tests share) never leaks into the next. Under xdist the order of tests in a worker varies
+    from run to run: a test that passed only after another had compiled the same code once turned CI red."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -59,8 +59,7 @@ def test_packed_batches_of_varying_length_compile_once_dynamic():
     sequences apart (from position_ids) only without a cache: so the reference runs with use_cache=False too
     (with the default use_cache=True the unoptimized loss differs: one causal mask over the whole row).
     Lengths on both sides of 16 (the attention kernels' strip): a size derived from the length once made a batch of
-    <= 16 tokens recompile. Dynamo is reset first: graphs an earlier test compiled for the same code had hidden it."""
-    torch._dynamo.reset()
+    <= 16 tokens recompile (hidden while an earlier test had compiled the same code: conftest resets Dynamo now)."""
     model, ref = _optimized_pair()
     ref.config.use_cache = False
     batches = [_packed(ls, seed=i) for i, ls in enumerate([(7, 9), (5, 6, 12), (30,), (3, 4, 5, 6), (11, 2)])]
