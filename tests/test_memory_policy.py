@@ -15,13 +15,6 @@ from tests.models import assert_no_less_accurate, assert_same_training, batch, t
 OTHERS = ["rms_norm", "attention", "cross_entropy", "swiglu"]  # slow in the interpreter, not what is tested
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def saved_bytes(model, b):
     """Bytes of the tensors autograd saves outside any checkpoint during one training forward, the model's
     parameters not counted (saving one costs no memory)."""

@@ -8,13 +8,6 @@ import fxopt
 from tests.models import tiny_lora_model, twin
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    # each test compiles the same block code again (train, eval, generate, resume): without a reset Dynamo's
-    # recompile limit for that code is reached within this file and later models run unfused
-    torch._dynamo.reset()
-
-
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n=8, seq=16, vocab=128, seed=0):
         g = torch.Generator().manual_seed(seed)
