@@ -22,7 +22,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from kernel_results import environment, gpu_ready, md_cell, parser, write
+from kernel_results import environment, gpu_ready, md_cell, parser, subset, write
 
 CEILING_TFLOPS = 798.0  # bf16 dense GEMM measured on the H100 of the device machine
 # name: (B, S, Hq, Hkv, D, window, softcap); the first two are the dense workload's (run by default)
@@ -187,6 +187,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="q, k, v dtype (float32: the QLoRA recipe's attention)")
     args = p.parse_args()
+    names = subset(p, "--cases", args.cases, CASES, DEFAULT)
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
     if not gpu_ready("bench_attention.py"):
@@ -194,14 +195,6 @@ def main():
     from triton.testing import do_bench
 
     import fxopt.kernels.attention  # noqa: F401  (registers torch.ops.fxopt.flash_attention)
-
-    if args.cases == "all":
-        names = list(CASES)
-    else:
-        names = [s.strip() for s in args.cases.split(",") if s.strip()] or DEFAULT
-    for name in names:
-        if name not in CASES:
-            p.error(f"--cases: unknown {name!r}; known: {list(CASES)}")
 
     rows = []
     for name in names:

@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from kernel_results import environment, gpu_ready, md_cell, parser, write
+from kernel_results import environment, gpu_ready, md_cell, parser, subset, write
 import torch.nn.functional as F
 
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
@@ -158,16 +158,12 @@ def main():
     p = parser(__doc__)
     p.add_argument("--shapes", default="", help=f"comma-separated subset of {list(SHAPES)} (default: all)")
     args = p.parse_args()
+    names = subset(p, "--shapes", args.shapes, SHAPES)
     if not gpu_ready("bench_lora.py"):
         return
     from triton.testing import do_bench
 
     import fxopt.kernels.lora  # noqa: F401  (registers torch.ops.fxopt.lora_linear)
-
-    names = [s.strip() for s in args.shapes.split(",") if s.strip()] or list(SHAPES)
-    for name in names:
-        if name not in SHAPES:
-            p.error(f"--shapes: unknown {name!r}; known: {list(SHAPES)}")
 
     rows = []
     for adapter_dtype in (torch.float32, torch.bfloat16):

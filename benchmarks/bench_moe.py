@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from kernel_results import environment, gpu_ready, md_cell, parser, write
+from kernel_results import environment, gpu_ready, md_cell, parser, subset, write
 import torch.nn.functional as F
 
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
@@ -204,16 +204,12 @@ def main():
                    help="router logit bias rising linearly to SKEW over the experts (0: balanced load); "
                         "a second set of rows with this skew is added when nonzero")
     args = p.parse_args()
+    names = subset(p, "--shapes", args.shapes, SHAPES)
     if not gpu_ready("bench_moe.py"):
         return
     from triton.testing import do_bench
 
     import fxopt.kernels.moe  # noqa: F401  (registers torch.ops.fxopt.moe_experts)
-
-    names = [s.strip() for s in args.shapes.split(",") if s.strip()] or list(SHAPES)
-    for name in names:
-        if name not in SHAPES:
-            p.error(f"--shapes: unknown {name!r}; known: {list(SHAPES)}")
 
     rows = []
     for skew in [0.0] + ([args.skew] if args.skew else []):

@@ -30,7 +30,7 @@ import json
 
 import torch
 
-from kernel_results import environment, gpu_ready, md_cell, parser, write
+from kernel_results import environment, gpu_ready, md_cell, parser, subset, write
 import torch.nn.functional as F
 
 CEILING_TFLOPS = 798.0  # bf16 matrix units, measured on the H100 of the device machine
@@ -277,18 +277,14 @@ def main():
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args()
+    known = {**SHAPES, **LARGE_SHAPES}
+    names = subset(p, "--shapes", args.shapes, known)
     if not gpu_ready("bench_nf4.py"):
         return
     import bitsandbytes
     from triton.testing import do_bench, do_bench_cudagraph
 
     import fxopt.kernels.nf4  # noqa: F401  (registers the torch.ops.fxopt 4-bit ops)
-
-    known = {**SHAPES, **LARGE_SHAPES}
-    names = [s.strip() for s in args.shapes.split(",") if s.strip()] or list(known)
-    for name in names:
-        if name not in known:
-            p.error(f"--shapes: unknown {name!r}; known: {list(known)}")
 
     rows = []
     for name in names:

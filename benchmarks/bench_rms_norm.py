@@ -25,7 +25,7 @@ import json
 
 import torch
 
-from kernel_results import environment, gpu_ready, md_cell, parser, write
+from kernel_results import environment, gpu_ready, md_cell, parser, subset, write
 
 CEILING_GBS = 3000.0  # HBM bandwidth measured on the H100 of the device machine
 TOKENS, EPS = 8192, 1e-6
@@ -171,6 +171,7 @@ def main():
                    help="time eager launches (launch overhead included) instead of CUDA-graph replays")
     p.add_argument("--cases", default="", help=f"comma-separated subset of {list(CASES)} (default: all)")
     args = p.parse_args()
+    names = subset(p, "--cases", args.cases, CASES)
     if not gpu_ready("bench_rms_norm.py"):
         return
     from triton.testing import do_bench, do_bench_cudagraph
@@ -182,10 +183,6 @@ def main():
     import fxopt.kernels.layer_norm  # noqa: F401  (registers torch.ops.fxopt.layer_norm)
     import fxopt.kernels.rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm)
 
-    names = [s.strip() for s in args.cases.split(",") if s.strip()] or list(CASES)
-    for name in names:
-        if name not in CASES:
-            p.error(f"--cases: unknown {name!r}; known: {list(CASES)}")
     # dynamic=False: one static graph per case, what Inductor does best
     compiled = torch.compile(hf_math, dynamic=False)
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)

@@ -24,6 +24,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def subset(p: argparse.ArgumentParser, flag: str, value: str, known, default=None) -> list:
+    """The names in a comma-separated --shapes / --cases value (`default`, else all of `known`, when empty;
+    "all": all of them); an unknown name is a usage error naming the flag and the known names."""
+    if value.strip() == "all":
+        return list(known)
+    names = [s.strip() for s in value.split(",") if s.strip()] or list(default or known)
+    for name in names:
+        if name not in known:
+            p.error(f"{flag}: unknown {name!r}; known: {list(known)}")
+    return names
+
+
 def gpu_ready(script: str) -> bool:
     """False (and says so) without CUDA: the microbenchmarks only run on a GPU. Else puts this checkout's fxopt
     first on the import path (even when it is not installed) and returns True."""
