@@ -63,7 +63,6 @@ def test_a_second_model_with_another_norm_eps_is_still_fused():
     """Two models in one process whose norms have different eps: the decoder layers' shared wrapper code had
     Dynamo make eps a graph input on the second model (automatic dynamic), and its norms stayed unfused
     ("eps is a runtime value"); fxopt compiles with floats specialized (fxopt/api.py, _floats_static)."""
-    torch._dynamo.reset()
     before = torch._dynamo.config.specialize_float
     for eps in (1e-6, 1e-5):
         torch.manual_seed(0)

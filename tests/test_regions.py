@@ -37,7 +37,6 @@ class Toy(nn.Module):
 
 
 def test_block_is_one_graph(tmp_path):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = Toy()
     ref = copy.deepcopy(model)
@@ -71,7 +70,6 @@ def test_block_calls_do_not_reach_dynamo_after_compiling(monkeypatch):
         import pytest
 
         pytest.skip("this torch's Dynamo has no first_real_inst_idx to count its frame callbacks by")
-    torch._dynamo.reset()
     model = Toy(n=4)
     fxopt.optimize(model, inner_backend="aot_eager")
     x = torch.randn(2, 5, 16)

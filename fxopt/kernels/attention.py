@@ -799,6 +799,7 @@ def _mask_args(mask: Optional[Tensor], fallback: Tensor, summary: Optional[Tenso
     else:
         summary = _summarise(mask)
         m = mask.view(torch.uint8)
+    # T from the mask: the forward's summary output is wider than its T columns (_summary_shape)
     Bm, T = summary.shape[1], triton.cdiv(mask.shape[2], 16)
     return m, summary, (m.stride(0) if Bm > 1 else 0, m.stride(2), m.stride(3), summary.stride(1) if Bm > 1 else 0,
                         summary.stride(0), T)
@@ -981,7 +982,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
         return (_num_blocks(S, meta["BLOCK_M"]), B * Hq)
 
     _launch("fwd", grid, args, _flags(q, causal, window, softcap, key_padding, mask), q.device)
-    return out, lse, _summary_output(summary, S) if mask is not None else q.new_zeros((0,), dtype=torch.int32)
+    if mask is None:
+        return out, lse, q.new_zeros(_summary_shape(None, S), dtype=torch.int32)
+    return out, lse, _summary_output(summary, S)
 
 
 @flash_attention.register_fake
@@ -1020,8 +1023,6 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
            (out, grad_out, delta, Hq, S, *_strides(out), *_strides(grad_out)),
            dict(HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=block), {}, q.device)
     pad, spb, sps = _pad_args(key_padding, lse)
-    if mask is not None and summary is not None:
-        summary = summary[..., :triton.cdiv(S, 16)]  # the forward's output holds it in its first columns
     m, summary, mask_strides = _mask_args(mask, lse, summary)
     qk_scale, sc = _score_scales(scale, softcap)
     common = (Hq // hkv, min(triton.next_power_of_2(S), 16384), float(qk_scale), float(sc), int(window),

@@ -482,7 +482,6 @@ def test_empty_sequence():
 def test_under_torch_compile(backend):
     """The op inside a compiled graph, forward and backward, with the layout HF gives it (projections viewed
     [B, S, H, D] and transposed, the output transposed back and flattened)."""
-    torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     B, S, hq, hkv, D = 2, 11, 4, 2, 16
     x = torch.randn(B, S, 32, generator=g).to(DEVICE).requires_grad_()

@@ -193,7 +193,6 @@ def test_broken_kernel_is_caught(monkeypatch):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_under_torch_compile(backend):
     """One compiled function serves two token counts (symbolic N), forward and every gradient."""
-    torch._dynamo.reset()
     g = torch.Generator().manual_seed(4)
     w = torch.randn(37, 16, generator=g).to(DEVICE).requires_grad_()
     b = torch.randn(37, generator=g).to(DEVICE).requires_grad_()
@@ -286,7 +285,6 @@ def test_bf16_realistic_gpu_trained_weight_bias_softcap():
 
 @pytest.mark.gpu
 def test_inductor_gpu_two_token_counts():
-    torch._dynamo.reset()
     x, w, labels = _realistic(n=1000, v=32000)
 
     def fn(x, labels):

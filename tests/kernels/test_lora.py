@@ -98,7 +98,6 @@ def test_broken_kernel_is_caught(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_under_torch_compile(backend):
-    torch._dynamo.reset()
     x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 24, device=DEVICE)
     a = torch.randn(3, 24, device=DEVICE, requires_grad=True)

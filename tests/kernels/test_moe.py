@@ -162,7 +162,6 @@ def test_under_torch_compile_dynamic_tokens():
     symbolic), and the gradients equal eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     E, H, I, k = 5, 12, 10, 2  # T below differs from every other size (duck sizing would tie them)
     router = torch.randn(E, H, generator=g).to(DEVICE).requires_grad_()

@@ -362,7 +362,6 @@ def test_broken_kernel_is_caught(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_under_torch_compile(backend):
-    torch._dynamo.reset()
     qweight, state = quantize(10, 64, "nf4", 64, True, 0)
     args = quant_args(qweight, state)
     x = torch.randn(6, 64, device=DEVICE, requires_grad=True)

@@ -173,7 +173,6 @@ def test_bad_arguments():
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_under_torch_compile(backend, residual):
-    torch._dynamo.reset()
     x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
     r = torch.randn(6, 24, device=DEVICE, requires_grad=True)
     w = torch.randn(24, device=DEVICE, requires_grad=True)
@@ -196,7 +195,6 @@ def test_under_torch_compile(backend, residual):
 def test_transposed_input_under_torch_compile(backend):
     """A per-head norm of a transposed view (as some models apply q/k norms): the compiled backward views
     dx as its fake said it is laid out, so the fakes must give the strides the real op returns."""
-    torch._dynamo.reset()
     x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
     w = torch.randn(8, device=DEVICE, requires_grad=True)
 
