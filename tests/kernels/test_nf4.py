@@ -314,6 +314,18 @@ def test_dequantize_kernel_matches_bnb(n, k, quant_type, double, blocksize, dtyp
     assert torch.equal(nf4._dequantize_triton(q, dtype), bnb_weight(qweight, state))
 
 
+@pytest.mark.parametrize("n,k,blocksize", [(4, 256, 64), (8, 512, 4096), (3, 100, 64), (16, 128, 32)])
+def test_dequantize_kernel_whole_and_partial_programs(n, k, blocksize):
+    """Weights that fill every program of the dequantization kernel (its unmasked EVEN form: 4 x 256 and 8 x 512
+    elements) and ones that end inside a program, bit-exact with bitsandbytes for both quant types and double
+    quantization on and off."""
+    for quant_type in ("nf4", "fp4"):
+        for double in (False, True):
+            qweight, state = quantize(n, k, quant_type, blocksize, double, 5, DEVICE, torch.float16)
+            q = nf4._quant(*quant_args(qweight, state))
+            assert torch.equal(nf4._dequantize_triton(q, torch.float16), bnb_weight(qweight, state))
+
+
 def test_bnb_truth_is_bnb_layout():
     """The one-row truth equals bnb's pure-torch backend everywhere, and bnb's dequantize_4bit of the real shape
     wherever bnb's CPU kernel is right (blocks that line up with rows)."""
