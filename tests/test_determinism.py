@@ -55,6 +55,42 @@ def test_launch_takes_the_first_config_when_deterministic(monkeypatch):
                      ("kernel", (64,), {"FLAG": 1, "BLOCK": 64, "num_warps": 4, "num_stages": 3})]
 
 
+def test_deterministic_launch_skips_configs_over_the_gpus_resources(monkeypatch):
+    """Under DETERMINISTIC a config that does not fit the GPU (OutOfResources when loaded, before it runs: on an
+    H200 the 4-bit GEMM's first tile with fp32 inputs) is skipped for the next in list order, as the autotuner
+    does; when none fits, the launch fails as a compile failure does (the family falls back to its math)."""
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, too_big):
+            self.too_big = too_big
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if kw["BLOCK"] in self.too_big:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                calls.append((grid, kw["BLOCK"], kw["num_stages"]))
+            return run
+
+    class Config:
+        def __init__(self, block, stages):
+            self.kwargs, self.num_warps, self.num_stages = {"BLOCK": block}, 4, stages
+
+    class Tuner:
+        configs = [Config(128, 4), Config(64, 3), Config(32, 2)]
+
+    grid = lambda meta: (meta["BLOCK"],)  # noqa: E731
+    monkeypatch.setattr(common, "DETERMINISTIC", True)
+    common.launch(Kernel({128}), Tuner(), grid, (1,), {}, {"BLOCK": 16}, torch.device("cpu"))
+    common.launch(Kernel({128, 64}), Tuner(), grid, (1,), {}, {"BLOCK": 16}, torch.device("cpu"))
+    assert calls == [((64,), 64, 3), ((32,), 32, 2)]
+    with pytest.warns(UserWarning, match="failed to compile"), pytest.raises(common.KernelFailed):
+        common.launch(Kernel({128, 64, 32}), Tuner(), grid, (1,), {}, {"BLOCK": 16}, torch.device("cpu"))
+    common.FAILED.clear()
+
+
 _RUN = r"""
 import json, torch, fxopt
 from tests.models import tiny_lora_model, batch

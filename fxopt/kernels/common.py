@@ -172,33 +172,56 @@ def _warming_sink():
     return sink
 
 
-def _first_config(tuned) -> dict:
-    """The meta-parameters of an autotuner's first config: what DETERMINISTIC runs."""
-    cfg = tuned.configs[0]
+def _config_meta(cfg) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _out_of_resources() -> tuple[type, ...]:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return ()
+    return (OutOfResources,)
+
+
+def _first_fitting(tuned, run):
+    """DETERMINISTIC: run(meta) with the first config of the tuning list that fits this GPU and these dtypes. A
+    config over the shared-memory or register limit raises OutOfResources when it is loaded, before anything runs
+    (on an H200 with fp32 inputs the 4-bit GEMM's first tile needed 256 KiB of its 227), so the next one is
+    tried, in list order: the same choice on every run. The autotuner skips such configs the same way. Only
+    when none fits does the error propagate."""
+    configs = tuned.configs
+    for i, cfg in enumerate(configs):
+        try:
+            return run(_config_meta(cfg))
+        except _out_of_resources():
+            if i == len(configs) - 1:
+                raise
 
 
 def _warm(kernel, tuned, args, flags: dict, fixed: dict) -> list:
     """Compile (without running) what `launch` would run with these arguments."""
     if tuned is not None and not DETERMINISTIC:
         return list(tuned.warmup(*args, grid=(1,), **flags))
-    meta = _first_config(tuned) if tuned is not None else fixed
-    return [kernel.warmup(*args, grid=(1,), **flags, **meta)]
+    if tuned is not None:
+        return [_first_fitting(tuned, lambda meta: kernel.warmup(*args, grid=(1,), **flags, **meta))]
+    return [kernel.warmup(*args, grid=(1,), **flags, **fixed)]
 
 
 def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.device) -> None:
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
-    config of the tuning list: the same every run. Every Triton kernel of fxopt is launched through here."""
+    config of the tuning list that fits the GPU: the same every run. Every Triton kernel of fxopt is launched through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
         sink = _warming_sink()
         if sink is not None:
             sink.extend(_warm(kernel, tuned, args, flags, fixed))
             return
         if tuned is not None and DETERMINISTIC:
-            fn, meta = kernel, _first_config(tuned)
-        elif tuned is not None:
+            _first_fitting(tuned, lambda meta: kernel[grid(meta)](*args, **flags, **meta))
+            return
+        if tuned is not None:
             fn, meta = tuned, {}  # the autotuner calls grid with the config it runs
         else:
             fn, meta = kernel, fixed
