@@ -591,10 +591,14 @@ def _dequantize_triton(q: _Quant, dtype) -> Tensor:
     w = _new_output((q.n, q.k), dtype, q.data.device)
     if nk:
         block = max(256 if _INTERPRETED else 2048, q.blocksize // 2)  # whole blocks per program
+        # enable_fp_fusion=False: bit-exact with bnb, which undoes double quantization as code2 * absmax2, rounded,
+        # then + offset, rounded. Triton contracts the two into one FMA by default (one rounding): about 8% of the
+        # block scales then differ in their last bit, and so does every fp32 weight in those blocks. (The
+        # interpreter never contracts and drops the option; only a GPU run of the bit-exact tests sees this.)
         launch(_dequant_kernel, None, lambda meta: (triton.cdiv((nk + 1) // 2, meta["BLOCK"]),),
                (*_quant_ptrs(q), w, nk),
-               dict(BS=q.blocksize, DOUBLE_QUANT=q.double, EVEN=nk % (2 * block) == 0), dict(BLOCK=block),
-               q.data.device)
+               dict(BS=q.blocksize, DOUBLE_QUANT=q.double, EVEN=nk % (2 * block) == 0, enable_fp_fusion=False),
+               dict(BLOCK=block), q.data.device)
     return w
 
 
