@@ -317,13 +317,15 @@ def test_dequantize_kernel_matches_bnb(n, k, quant_type, double, blocksize, dtyp
 @pytest.mark.parametrize("n,k,blocksize", [(4, 256, 64), (8, 512, 4096), (3, 100, 64), (16, 128, 32)])
 def test_dequantize_kernel_whole_and_partial_programs(n, k, blocksize):
     """Weights that fill every program of the dequantization kernel (its unmasked EVEN form: 4 x 256 and 8 x 512
-    elements) and ones that end inside a program, bit-exact with bitsandbytes for both quant types and double
-    quantization on and off."""
+    elements) and ones that end inside a program, bit-exact with bitsandbytes for both quant types, double
+    quantization on and off, fp16 and fp32 (where a last-bit difference of a block scale shows: on a GPU, the
+    double-quantized scale computed with one FMA instead of bnb's two roundings)."""
     for quant_type in ("nf4", "fp4"):
         for double in (False, True):
-            qweight, state = quantize(n, k, quant_type, blocksize, double, 5, DEVICE, torch.float16)
-            q = nf4._quant(*quant_args(qweight, state))
-            assert torch.equal(nf4._dequantize_triton(q, torch.float16), bnb_weight(qweight, state))
+            for dtype in (torch.float16, torch.float32):
+                qweight, state = quantize(n, k, quant_type, blocksize, double, 5, DEVICE, dtype)
+                q = nf4._quant(*quant_args(qweight, state))
+                assert torch.equal(nf4._dequantize_triton(q, dtype), bnb_weight(qweight, state))
 
 
 def test_bnb_truth_is_bnb_layout():
