@@ -187,6 +187,11 @@ def bench_decode(name, n, k, do_bench, do_bench_cudagraph):
             try:
                 with torch.no_grad():
                     row["rel_err_out"] = rel_err(fn(), ref)  # also runs the autotuner before any graph capture
+                    tuner = nf4._words_tuned if impl == "fxopt" and m <= nf4.WORDS_MAX_M else None
+                    if tuner is not None and getattr(tuner, "best_config", None) is not None:
+                        # the autotuner's pick varies from process to process here (session 21: gate_up M = 2
+                        # 12.8 us in one process, 22.9 in another): recorded, to find the configs behind both
+                        row["tuned"] = str(tuner.best_config)
                     row["us"] = 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
                     row["gbs"] = nbytes / (row["us"] * 1e-6) / 1e9
                     try:
