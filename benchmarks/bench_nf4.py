@@ -11,7 +11,8 @@ default), Llama-3.2-1B projection shapes (N, K) in {(2048, 2048) q/o, (512, 2048
      + cuBLAS: see nf4._dequantized_gemm);
    - fxopt_fused: the same ops with the dequantization inside the GEMM's K-loop (FXOPT_NF4_GEMM=fused);
    - dense: cuBLAS on an already dequantized bf16 W (what no 4-bit path can beat unless dequantization is free);
-   and the dequantization alone (bnb's vs fxopt's Triton kernel) in GB/s.
+   and the dequantization alone (bnb's vs fxopt's Triton kernel) in GB/s, bit-exactness against bnb included
+   (--dequant-sweep: every launch of DEQUANT_SWEEP, on every named shape, the large ones too).
 2. Decode-sized, M = 1, 2, 4, 8, 16, forward under no_grad, in GB/s of packed weight read (N K / 2 bytes)
    against the ~3000 GB/s of the H100: fxopt::linear_4bit (its GEMV kernel) vs bnb.matmul_4bit (bitsandbytes'
    own small-M kernel, or dequantize + linear where its heuristic prefers that). Timed both with plain launches
@@ -20,7 +21,7 @@ default), Llama-3.2-1B projection shapes (N, K) in {(2048, 2048) q/o, (512, 2048
 Timing: median of do_bench (it warms up and clears L2 between runs). rel err: ||out - ref|| / ||ref|| against
 fp32 math on bitsandbytes' dequantized weight.
 
-    python benchmarks/bench_nf4.py [--out DIR] [--tag TAG] [--skip-decode] [--skip-train]
+    python benchmarks/bench_nf4.py [--out DIR] [--tag TAG] [--shapes A,B] [--skip-decode] [--skip-train] [--dequant-sweep]
 CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ BLOCKSIZE, QUANT_TYPE, DOUBLE = 64, "nf4", True
 SHAPES = {"q_o": (2048, 2048), "k_v": (512, 2048), "gate_up": (8192, 2048), "down": (2048, 8192)}  # (N, K)
 # decode only: Llama-3.1-8B's gate/up and down, Llama-3.1-70B's gate/up (weights of 29 and 117 MB)
 LARGE_SHAPES = {"gate_up_8b": (14336, 4096), "down_8b": (4096, 14336), "gate_up_70b": (28672, 8192)}
+# --dequant-sweep: the dequantization kernel's launches, (packed bytes per program, warps)
+DEQUANT_SWEEP = [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
 L2_EVICT_BYTES = 160 << 20  # > 3x the 50 MB L2 of the H100 / H200
 
 
@@ -78,7 +81,6 @@ def _fused(fn):
 def bench_train(name, n, k, do_bench):
     import bitsandbytes.functional as BF
 
-    from fxopt.kernels import nf4
     from fxopt.kernels.nf4 import quant_args
 
     qweight, state, w = quantized(n, k)
@@ -98,20 +100,6 @@ def bench_train(name, n, k, do_bench):
     }
     flop = 2 * M_TRAIN * n * k
     rows = []
-    # the dequantization alone: packed bytes read + bf16 written, GB/s
-    q = nf4._quant(*args)
-    moved = n * k / 2 + 2 * n * k
-    for impl, fn in (("bnb", lambda: BF.dequantize_4bit(qweight, state)),
-                     ("fxopt", lambda: nf4._dequantize_triton(q, torch.bfloat16))):
-        row = dict(part="dequant", shape=name, N=n, K=k, impl=impl)
-        try:
-            row["rel_err"] = rel_err(fn().float(), w.float())
-            row["us"] = 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
-            row["gbs"] = moved / (row["us"] * 1e-6) / 1e9
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"[:1000]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     for impl, (fwd, dx) in impls.items():
         row = dict(part="train", shape=name, N=n, K=k, M=M_TRAIN, impl=impl, gflop=flop / 1e9)
         try:
@@ -129,6 +117,42 @@ def bench_train(name, n, k, do_bench):
         if all("error" not in by[i] for i in ("bnb", impl)):
             by[impl]["speedup_fwd"] = by["bnb"]["fwd_ms"] / by[impl]["fwd_ms"]
             by[impl]["speedup_dx"] = by["bnb"]["dx_ms"] / by[impl]["dx_ms"]
+    return rows
+
+
+def bench_dequant(name, n, k, do_bench, launches):
+    """The dequantization alone (packed bytes read + bf16 weight written, GB/s): bnb's dequantize_4bit and fxopt's
+    Triton kernel with each (packed bytes per program, warps) of `launches`; `exact`: bit-equal to bnb's."""
+    import bitsandbytes.functional as BF
+
+    from fxopt.kernels import nf4
+    from fxopt.kernels.nf4 import quant_args
+
+    qweight, state, w = quantized(n, k)
+    q = nf4._quant(*quant_args(qweight, state))
+    truth = BF.dequantize_4bit(qweight, state)
+    moved = n * k / 2 + 2 * n * k
+    impls = [("bnb", None, lambda: BF.dequantize_4bit(qweight, state))]
+    impls += [("fxopt", launch, lambda: nf4._dequantize_triton(q, torch.bfloat16)) for launch in launches]
+    rows = []
+    for impl, launch, fn in impls:
+        row = dict(part="dequant", shape=name, N=n, K=k, impl=impl)
+        old = nf4.DEQUANT_BLOCK_BYTES, nf4.DEQUANT_WARPS
+        if launch is not None:
+            row["block_bytes"], row["warps"] = launch
+            nf4.DEQUANT_BLOCK_BYTES, nf4.DEQUANT_WARPS = launch
+        try:
+            out = fn()
+            row["rel_err"] = rel_err(out.float(), w.float())
+            row["exact"] = bool(torch.equal(out, truth))
+            row["us"] = 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row["gbs"] = moved / (row["us"] * 1e-6) / 1e9
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:1000]
+        finally:
+            nf4.DEQUANT_BLOCK_BYTES, nf4.DEQUANT_WARPS = old
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -244,15 +268,17 @@ def tables(rows, gpu, ceiling=CEILING_GBS) -> str:
     deq = [r for r in rows if r["part"] == "dequant"]
     if deq:
         lines += ["Dequantization alone (packed bytes read + bf16 weight written), GB/s (% of "
-                  f"{CEILING_GBS:.0f} GB/s):", "", "| shape (N x K) | impl | us | GB/s | rel err vs bnb |",
-                  "|---|---|---|---|---|"]
+                  f"{ceiling:.0f} GB/s); launch: packed bytes per program / warps of fxopt's kernel; bit-exact: "
+                  "equal to bnb's output:", "",
+                  "| shape (N x K) | impl | launch | us | GB/s | rel err vs bf16 W | bit-exact |", "|---|---|---|---|---|---|---|"]
         for r in deq:
             label = f"{r['shape']} ({r['N']} x {r['K']})"
+            launch = f"{r['block_bytes']} / {r['warps']}" if "block_bytes" in r else ""
             if "error" in r:
-                lines.append(f"| {label} | {r['impl']} | {_err(r)} | | |")
+                lines.append(f"| {label} | {r['impl']} | {launch} | {_err(r)} | | | |")
                 continue
-            lines.append(f"| {label} | {r['impl']} | {r['us']:.1f} | {_cell(r, 'gbs', '.0f', CEILING_GBS)} "
-                         f"| {r['rel_err']:.1e} |")
+            lines.append(f"| {label} | {r['impl']} | {launch} | {r['us']:.1f} | {_cell(r, 'gbs', '.0f', ceiling)} "
+                         f"| {r['rel_err']:.1e} | {r['exact']} |")
         lines.append("")
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
@@ -281,6 +307,9 @@ def main():
                    "(default: all; the large ones decode only)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--dequant-sweep", action="store_true",
+                   help="time the dequantization kernel with each launch of DEQUANT_SWEEP, on every named shape "
+                        "(by default only its current launch, on the training shapes, with the training part)")
     args = p.parse_args()
     known = {**SHAPES, **LARGE_SHAPES}
     names = subset(p, "--shapes", args.shapes, known)
@@ -289,11 +318,14 @@ def main():
     import bitsandbytes
     from triton.testing import do_bench, do_bench_cudagraph
 
-    import fxopt.kernels.nf4  # noqa: F401  (registers the torch.ops.fxopt 4-bit ops)
+    from fxopt.kernels import nf4  # registers the torch.ops.fxopt 4-bit ops
 
     rows = []
     for name in names:
         n, k = known[name]
+        if args.dequant_sweep or (not args.skip_train and name in SHAPES):
+            launches = DEQUANT_SWEEP if args.dequant_sweep else [(nf4.DEQUANT_BLOCK_BYTES, nf4.DEQUANT_WARPS)]
+            rows += bench_dequant(name, n, k, do_bench, launches)
         if not args.skip_train and name in SHAPES:
             rows += bench_train(name, n, k, do_bench)
         if not args.skip_decode:

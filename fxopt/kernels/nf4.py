@@ -69,6 +69,10 @@ WORDS_MAX_M = 4
 # The word GEMV splits K over programs (an fp32 workspace summed after) for 3-4 rows of x and weights of at least
 # this many elements (see _words_split); tests lower it to reach the split on small shapes.
 WORDS_SPLIT_MIN_NK = 1 << 24
+# The dequantization kernel's launch: packed bytes per program (whole quantization blocks: raised to blocksize / 2
+# where that is larger) and warps. Not tuned yet: benchmarks/bench_nf4.py --dequant-sweep times the alternatives.
+DEQUANT_BLOCK_BYTES = 2048
+DEQUANT_WARPS = 4
 # Inputs of at least this many rows (and more than GEMV_MAX_M) take dequantize-then-GEMM (see _dequantized_gemm).
 DEQUANT_MIN_M = 1 << 62 if os.environ.get("FXOPT_NF4_GEMM", "dequant") == "fused" else 0
 
@@ -590,7 +594,7 @@ def _dequantize_triton(q: _Quant, dtype) -> Tensor:
     nk = q.n * q.k
     w = _new_output((q.n, q.k), dtype, q.data.device)
     if nk:
-        block = max(256 if _INTERPRETED else 2048, q.blocksize // 2)  # whole blocks per program
+        block = max(256 if _INTERPRETED else DEQUANT_BLOCK_BYTES, q.blocksize // 2)  # whole blocks per program
         # enable_fp_fusion=False: bit-exact with bnb, which undoes double quantization as code2 * absmax2, rounded,
         # then + offset, rounded. Triton contracts the two into one FMA by default (one rounding): about 8% of the
         # block scales then differ in their last bit, and so does every fp32 weight in those blocks. (The
@@ -598,7 +602,7 @@ def _dequantize_triton(q: _Quant, dtype) -> Tensor:
         launch(_dequant_kernel, None, lambda meta: (triton.cdiv((nk + 1) // 2, meta["BLOCK"]),),
                (*_quant_ptrs(q), w, nk),
                dict(BS=q.blocksize, DOUBLE_QUANT=q.double, EVEN=nk % (2 * block) == 0, enable_fp_fusion=False),
-               dict(BLOCK=block), q.data.device)
+               dict(BLOCK=block, num_warps=DEQUANT_WARPS), q.data.device)
     return w
 
 
