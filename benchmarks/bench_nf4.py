@@ -11,8 +11,8 @@ default), Llama-3.2-1B projection shapes (N, K) in {(2048, 2048) q/o, (512, 2048
      + cuBLAS: see nf4._dequantized_gemm);
    - fxopt_fused: the same ops with the dequantization inside the GEMM's K-loop (FXOPT_NF4_GEMM=fused);
    - dense: cuBLAS on an already dequantized bf16 W (what no 4-bit path can beat unless dequantization is free);
-   and the dequantization alone (bnb's vs fxopt's Triton kernel) in GB/s, bit-exactness against bnb included
-   (--dequant-sweep: every launch of DEQUANT_SWEEP, on every named shape, the large ones too).
+   and the dequantization alone (bnb's vs fxopt's Triton kernel) in GB/s, bit-exactness against bnb
+   included (--dequant-sweep: every launch of DEQUANT_SWEEP, on every named shape, the large ones too).
 2. Decode-sized, M = 1, 2, 4, 8, 16, forward under no_grad, in GB/s of packed weight read (N K / 2 bytes)
    against the ~3000 GB/s of the H100: fxopt::linear_4bit (its GEMV kernel) vs bnb.matmul_4bit (bitsandbytes'
    own small-M kernel, or dequantize + linear where its heuristic prefers that). Timed both with plain launches
@@ -21,7 +21,8 @@ default), Llama-3.2-1B projection shapes (N, K) in {(2048, 2048) q/o, (512, 2048
 Timing: median of do_bench (it warms up and clears L2 between runs). rel err: ||out - ref|| / ||ref|| against
 fp32 math on bitsandbytes' dequantized weight.
 
-    python benchmarks/bench_nf4.py [--out DIR] [--tag TAG] [--shapes A,B] [--skip-decode] [--skip-train] [--dequant-sweep]
+    python benchmarks/bench_nf4.py [--out DIR] [--tag TAG] [--shapes A,B] [--skip-decode] [--skip-train]
+                                   [--dequant-sweep]
 CUDA only: on a machine without a GPU it prints a message and exits 0.
 """
 from __future__ import annotations
@@ -270,15 +271,16 @@ def tables(rows, gpu, ceiling=CEILING_GBS) -> str:
         lines += ["Dequantization alone (packed bytes read + bf16 weight written), GB/s (% of "
                   f"{ceiling:.0f} GB/s); launch: packed bytes per program / warps of fxopt's kernel; bit-exact: "
                   "equal to bnb's output:", "",
-                  "| shape (N x K) | impl | launch | us | GB/s | rel err vs bf16 W | bit-exact |", "|---|---|---|---|---|---|---|"]
+                  "| shape (N x K) | impl | launch | us | GB/s | rel err vs bf16 W | bit-exact |",
+                  "|---|---|---|---|---|---|---|"]
         for r in deq:
             label = f"{r['shape']} ({r['N']} x {r['K']})"
             launch = f"{r['block_bytes']} / {r['warps']}" if "block_bytes" in r else ""
             if "error" in r:
                 lines.append(f"| {label} | {r['impl']} | {launch} | {_err(r)} | | | |")
                 continue
-            lines.append(f"| {label} | {r['impl']} | {launch} | {r['us']:.1f} | {_cell(r, 'gbs', '.0f', ceiling)} "
-                         f"| {r['rel_err']:.1e} | {r['exact']} |")
+            lines.append(f"| {label} | {r['impl']} | {launch} | {r['us']:.1f} "
+                         f"| {_cell(r, 'gbs', '.0f', ceiling)} | {r['rel_err']:.1e} | {r['exact']} |")
         lines.append("")
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:

@@ -212,7 +212,8 @@ def launch(kernel, tuned, grid, args, flags: dict, fixed: dict, device: torch.de
     """Launch over grid(meta): the autotuned kernel `tuned` when there is one, else `kernel` with the fixed
     meta-parameters `fixed` (block sizes, optionally num_warps / num_stages): what the interpreter runs, where
     autotuning is pointless, and what a caller gets that turned tuning off. Under DETERMINISTIC, the first
-    config of the tuning list that fits the GPU: the same every run. Every Triton kernel of fxopt is launched through here."""
+    config of the tuning list that fits the GPU: the same every run. Every Triton kernel of fxopt is launched
+    through here."""
     with kernel_scope(tuned if tuned is not None else kernel, device):
         sink = _warming_sink()
         if sink is not None:
