@@ -61,14 +61,19 @@ class KernelFailed(RuntimeError):
     """A Triton kernel failed to compile (its family is in FAILED now); `with_fallback` reruns the op."""
 
 
-def _compile_errors() -> tuple[type, ...]:
+def _triton_errors(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The exception classes (module, name) this Triton version has."""
     errors = []
-    for module, name in (("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources")):
+    for module, name in names:
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
+
+
+def _compile_errors() -> tuple[type, ...]:
+    return _triton_errors(("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources"))
 
 
 @contextlib.contextmanager
@@ -176,27 +181,18 @@ def _config_meta(cfg) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _out_of_resources() -> tuple[type, ...]:
-    try:
-        from triton.runtime.errors import OutOfResources
-    except ImportError:
-        return ()
-    return (OutOfResources,)
-
-
 def _first_fitting(tuned, run):
     """DETERMINISTIC: run(meta) with the first config of the tuning list that fits this GPU and these dtypes. A
     config over the shared-memory or register limit raises OutOfResources when it is loaded, before anything runs
     (on an H200 with fp32 inputs the 4-bit GEMM's first tile needed 256 KiB of its 227), so the next one is
     tried, in list order: the same choice on every run. The autotuner skips such configs the same way. Only
     when none fits does the error propagate."""
-    configs = tuned.configs
-    for i, cfg in enumerate(configs):
+    for cfg in tuned.configs[:-1]:
         try:
             return run(_config_meta(cfg))
-        except _out_of_resources():
-            if i == len(configs) - 1:
-                raise
+        except _triton_errors(("triton.runtime.errors", "OutOfResources")):
+            pass
+    return run(_config_meta(tuned.configs[-1]))
 
 
 def _warm(kernel, tuned, args, flags: dict, fixed: dict) -> list:
